@@ -1,0 +1,5 @@
+import sys
+
+from lmkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Token cache: a corpus tokenized once into a memory-mapped array of ids.
+
+The cache is keyed by the corpus and tokenizer fingerprints, written to a temporary name
+and renamed (a killed run never leaves a half-written cache), and loaded with
+``allow_pickle=False`` so a planted file cannot execute code.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from lmkit.data.sources import Source
+from lmkit.errors import DataError
+from lmkit.tokenizers.base import Tokenizer
+
+_CHUNK_DOCS = 256
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LMKIT_CACHE", Path.home() / ".cache" / "lmkit"))
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def _encode_chunk(tokenizer: Tokenizer, docs: list[str], eos: int, dtype) -> np.ndarray:
+    fast = getattr(tokenizer, "encode_array", None)
+    parts = []
+    encoded = [fast(d) for d in docs] if fast else tokenizer.encode_batch(docs)
+    eos_arr = np.array([eos], dtype=dtype)
+    for ids in encoded:
+        parts.append(np.asarray(ids, dtype=dtype))
+        parts.append(eos_arr)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def build_token_array(source: Source, tokenizer: Tokenizer) -> np.ndarray:
+    """All documents of ``source`` tokenized and packed, EOS after each document."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    chunks, batch = [], []
+    for doc in source.documents():
+        batch.append(doc)
+        if len(batch) == _CHUNK_DOCS:
+            chunks.append(_encode_chunk(tokenizer, batch, tokenizer.eos_id, dtype))
+            batch = []
+    if batch:
+        chunks.append(_encode_chunk(tokenizer, batch, tokenizer.eos_id, dtype))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    if tokens.size == 0:
+        raise DataError("the corpus is empty: no document contains any text. Check data.source / data.path.")
+    return tokens
+
+
+def load_tokens(source: Source, tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
+    """The packed token array of ``source``, from the cache when present (memory-mapped)."""
+    key = hashlib.sha256(f"{source.fingerprint()}|{tokenizer.fingerprint()}".encode()).hexdigest()[:24]
+    path = Path(cache_dir) / "tokens" / f"{key}.npy"
+    if path.exists():
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+            if tokens.ndim == 1 and tokens.dtype == token_dtype(tokenizer.vocab_size) and tokens.size > 0:
+                return tokens
+            raise ValueError(f"unexpected array {tokens.dtype}{tokens.shape}")
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            warnings.warn(f"lmkit: token cache {path} is unreadable ({e}); rebuilding it", stacklevel=2)
+    tokens = build_token_array(source, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    np.save(tmp, tokens, allow_pickle=False)
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -1,0 +1,131 @@
+"""The LightningDataModule: corpus -> token cache -> blocks -> objective's collator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lmkit.data.cache import load_tokens
+from lmkit.data.sampler import SequentialBatchSampler, StepBatchSampler
+from lmkit.errors import DataError
+
+_SEED_STRIDE = 1_000_003
+
+
+class BlockDataset(Dataset):
+    """Windows of ``block_len`` tokens every ``stride`` tokens of a packed token array."""
+
+    def __init__(self, tokens: np.ndarray, block_len: int, stride: int):
+        self.tokens, self.block_len, self.stride = tokens, block_len, stride
+        self.n = max(0, (len(tokens) - block_len) // stride + 1) if len(tokens) >= block_len else 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        index, position = key
+        start = index * self.stride
+        block = torch.from_numpy(np.asarray(self.tokens[start:start + self.block_len], dtype=np.int64))
+        return block, position
+
+
+class StepCollate:
+    """Stacks a step's blocks, splits them into micro-batches and applies the objective's collator."""
+
+    def __init__(self, collator, micro_batch_size: int, seed: int):
+        self.collator, self.mbs, self.seed = collator, micro_batch_size, seed
+
+    def __call__(self, items):
+        blocks = torch.stack([b for b, _ in items])
+        positions = [p for _, p in items]
+        micro = []
+        for m in range(0, len(items), self.mbs):
+            gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + positions[m])
+            micro.append(self.collator(blocks[m:m + self.mbs], gen))
+        return {"micro_batches": micro}
+
+
+@dataclass
+class DataSplits:
+    train: np.ndarray
+    val: np.ndarray
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float) -> DataSplits:
+    """Last ``val_fraction`` of the packed stream is validation."""
+    n_val = int(len(tokens) * val_fraction)
+    return DataSplits(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:])
+
+
+class LMDataModule(L.LightningDataModule):
+    """Serves step batches for training and fixed batches for validation.
+
+    ``data_steps`` (a callable) gives the number of optimizer steps already consumed, read
+    when each epoch's iteration starts, so resumed runs continue mid-epoch exactly.
+    """
+
+    def __init__(self, data_cfg, source, tokenizer, objective, seq_len: int, seed: int, cache_dir: Path,
+                 val_batches: int | None, data_steps=lambda: 0):
+        super().__init__()
+        self.cfg, self.source, self.tokenizer, self.objective = data_cfg, source, tokenizer, objective
+        self.seq_len, self.seed, self.cache_dir, self.val_batches = seq_len, seed, cache_dir, val_batches
+        self.data_steps = data_steps
+        self.block_len, self.stride = objective.block_layout(seq_len)
+        self.collate = StepCollate(objective.make_collator(), data_cfg.batch_size, seed)
+        self.splits: DataSplits | None = None
+
+    def prepare(self) -> None:
+        """Tokenize (or load the cache) and check there is enough data; idempotent."""
+        if self.splits is not None:
+            return
+        tokens = load_tokens(self.source, self.tokenizer, self.cache_dir)
+        self.splits = split_tokens(tokens, self.cfg.val_fraction)
+        self.train_set = BlockDataset(self.splits.train, self.block_len, self.stride)
+        self.val_set = BlockDataset(self.splits.val, self.block_len, self.block_len)
+        world = self._world()[1]
+        need = self.cfg.batch_size * self.cfg.grad_accum * world
+        if len(self.train_set) < need:
+            raise DataError(
+                f"the corpus is too small: its training split has {len(self.splits.train)} tokens, "
+                f"{len(self.train_set)} blocks of {self.block_len} tokens, but one optimizer step needs {need} blocks "
+                f"(batch_size {self.cfg.batch_size} × grad_accum {self.cfg.grad_accum} × {world} ranks). "
+                f"Use more text, or lower data.seq_len / data.batch_size."
+            )
+        if self.cfg.val_fraction > 0 and len(self.val_set) < self.cfg.batch_size:
+            raise DataError(
+                f"the validation split has {len(self.splits.val)} tokens, fewer than one batch of "
+                f"{self.cfg.batch_size} blocks of {self.block_len} tokens. Raise data.val_fraction or use more text."
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_sampler(self) -> StepBatchSampler:
+        rank, world = self._world()
+        return StepBatchSampler(
+            len(self.train_set), self.cfg.batch_size, self.cfg.grad_accum, self.seed, rank, world,
+            self.cfg.batch_ramp_start, self.cfg.batch_ramp_steps, start_step=self.data_steps,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.train_sampler())
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        return self._loader(self.val_set, SequentialBatchSampler(len(self.val_set), self.cfg.batch_size, self.val_batches, rank, world))

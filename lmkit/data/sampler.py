@@ -1,0 +1,85 @@
+"""Deterministic, resumable batching by optimizer step.
+
+The order of examples is a pure function of (seed, step): step ``s`` takes the next
+``k(s) · micro_batch_size · world_size`` positions of an endless stream made of one
+seeded permutation per pass over the data, and each rank takes its slice. Resuming only
+needs the number of steps already consumed, so a resumed run sees exactly the batches the
+uninterrupted run would have seen, mid-epoch included. ``k(s)`` ramps the number of
+micro-batches per step from ``ramp_start`` to ``grad_accum`` over ``ramp_steps`` steps
+(GPT-3's batch-size ramp).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+
+
+class StepBatchSampler:
+    """Yields, per optimizer step, a list of ``(item_index, stream_position)`` keys for this rank."""
+
+    def __init__(self, n_items: int, micro_batch_size: int, grad_accum: int, seed: int,
+                 rank: int = 0, world_size: int = 1, ramp_start: int = 1, ramp_steps: int = 0,
+                 start_step: Callable[[], int] = lambda: 0, shuffle: bool = True):
+        self.n_items, self.mbs, self.grad_accum = n_items, micro_batch_size, grad_accum
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.ramp_start, self.ramp_steps = max(1, min(ramp_start, grad_accum)), ramp_steps
+        self.start_step, self.shuffle = start_step, shuffle
+        self.steps_per_epoch = n_items // (micro_batch_size * grad_accum * world_size)
+
+    def micro_batches_at(self, step: int) -> int:
+        """Number of micro-batches (per rank) in optimizer step ``step``."""
+        if self.ramp_steps <= 0 or step >= self.ramp_steps:
+            return self.grad_accum
+        return min(self.grad_accum, self.ramp_start + (self.grad_accum - self.ramp_start) * step // self.ramp_steps)
+
+    def stream_offset(self, step: int) -> int:
+        """Stream position where step ``step`` begins."""
+        per_micro = self.mbs * self.world_size
+        ramp = min(step, max(self.ramp_steps, 0))
+        offset = sum(self.micro_batches_at(s) for s in range(ramp)) * per_micro
+        return offset + (step - ramp) * self.grad_accum * per_micro
+
+    @lru_cache(maxsize=4)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_items)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+
+    def keys_for_step(self, step: int) -> list[tuple[int, int]]:
+        k = self.micro_batches_at(step)
+        begin = self.stream_offset(step)
+        keys = []
+        for m in range(k):
+            micro_begin = begin + m * self.mbs * self.world_size + self.rank * self.mbs
+            for pos in range(micro_begin, micro_begin + self.mbs):
+                epoch, i = divmod(pos, self.n_items)
+                keys.append((int(self._permutation(epoch)[i]), pos))
+        return keys
+
+    def __iter__(self):
+        start = int(self.start_step())
+        end = (start // self.steps_per_epoch + 1) * self.steps_per_epoch
+        for step in range(start, end):
+            yield self.keys_for_step(step)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+class SequentialBatchSampler:
+    """Validation batches: fixed consecutive blocks, one micro-batch per batch, this rank's share."""
+
+    def __init__(self, n_items: int, batch_size: int, max_batches: int | None, rank: int = 0, world_size: int = 1):
+        n_batches = n_items // batch_size
+        if max_batches:
+            n_batches = min(n_batches, max_batches)
+        self.batches = [list(range(b * batch_size, (b + 1) * batch_size)) for b in range(rank, n_batches, world_size)]
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield [(i, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)

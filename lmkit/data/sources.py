@@ -1,0 +1,145 @@
+"""Document sources: the built-in corpus, text files, jsonl and local HF datasets.
+
+Each source yields documents (strings). Packing inserts EOS between documents.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from lmkit.errors import DataError
+
+BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "corpora" / "tinyshakespeare.txt"}
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+def _paths(path) -> list[Path]:
+    """Expand a path or list of paths (files or directories) into sorted files."""
+    if path is None or path == "" or path == []:
+        raise DataError("data.path is not set: give a file or directory, e.g. data.path=/data/corpus.txt")
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    files: list[Path] = []
+    for item in items:
+        p = Path(os.path.expanduser(str(item)))
+        if not p.exists():
+            raise DataError(f"data path '{p}' does not exist. Check data.path (relative paths are taken from {Path.cwd()}).")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise DataError(f"data directory '{p}' contains no files.")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise DataError(f"'{path}' looks like a binary file (it contains NUL bytes), not text. Point data.path at UTF-8 text files.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{path}' is not valid UTF-8 (bad byte at offset {e.start}). Convert it to UTF-8, e.g. with iconv.") from None
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """Cheap identity of a set of files: path, size and modification time."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+class Source:
+    """A corpus: an identity for caching plus an iterator over documents."""
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[str]:
+        raise NotImplementedError
+
+
+class TextSource(Source):
+    """Plain text files (or directories of them); each file is a document, or is split on ``separator``."""
+
+    def __init__(self, path, separator: str | None = None):
+        self.files = _paths(path)
+        self.separator = separator
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.files) + f":{self.separator!r}"
+
+    def documents(self) -> Iterator[str]:
+        for f in self.files:
+            text = _read_text(f)
+            if self.separator:
+                yield from (d for d in text.split(self.separator) if d.strip())
+            elif text.strip():
+                yield text
+
+
+class BuiltinSource(TextSource):
+    """A corpus shipped inside the lmkit package."""
+
+    def __init__(self, name: str, separator: str | None = None):
+        if name not in BUILTIN_CORPORA:
+            raise DataError(f"no built-in corpus '{name}'; built-in corpora: {', '.join(BUILTIN_CORPORA)}")
+        super().__init__(BUILTIN_CORPORA[name], separator)
+
+
+class JsonlSource(Source):
+    """JSON-lines files; each line's ``text_field`` is a document."""
+
+    def __init__(self, path, text_field: str = "text"):
+        self.files = _paths(path)
+        self.text_field = text_field
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.files) + f":{self.text_field}"
+
+    def documents(self) -> Iterator[str]:
+        for f in self.files:
+            for lineno, line in enumerate(_read_text(f).splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg}). Each line must be one JSON object.") from None
+                if not isinstance(record, dict) or self.text_field not in record:
+                    raise DataError(f"{f}:{lineno}: no field '{self.text_field}'. Set data.text_field to the field holding the text.")
+                text = record[self.text_field]
+                if not isinstance(text, str):
+                    raise DataError(f"{f}:{lineno}: field '{self.text_field}' is {type(text).__name__}, not a string.")
+                if text.strip():
+                    yield text
+
+
+class HFDatasetSource(Source):
+    """A dataset loaded by HF ``datasets`` from local files (json, csv, parquet, text builders)."""
+
+    def __init__(self, path, builder: str, text_field: str = "text", split: str = "train"):
+        self.files = _paths(path)
+        self.builder, self.text_field, self.split = builder, text_field, split
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.files) + f":{self.builder}:{self.text_field}:{self.split}"
+
+    def documents(self) -> Iterator[str]:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.builder, data_files=[str(f) for f in self.files], split=self.split)
+        except Exception as e:
+            raise DataError(f"HF datasets could not load {self.builder} files {[str(f) for f in self.files]}: {e}") from None
+        if self.text_field not in ds.column_names:
+            raise DataError(f"dataset has no column '{self.text_field}' (columns: {ds.column_names}). Set data.text_field.")
+        for text in ds[self.text_field]:
+            if isinstance(text, str) and text.strip():
+                yield text

@@ -1,0 +1,89 @@
+"""The hooks through which lmkit finds its components — the plugin contract.
+
+A plugin is a module (exposed through the ``lmkit`` entry-point group of its
+distribution) that implements any of these hooks with ``@lmkit.hookimpl``. lmkit's own
+built-ins register through exactly the same hooks. Each ``lmkit_register_*`` hook returns
+a list of :class:`lmkit.registry.Component`; the component's ``name`` is what users write
+on the command line (``optimizer=adamw``, ``+objective=span_corruption``).
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("lmkit")
+
+
+@hookspec
+def lmkit_register_objectives():
+    """Return training objectives.
+
+    ``factory(cfg, tokenizer) -> Objective`` (see :class:`lmkit.objectives.base.Objective`);
+    ``config_cls`` is a dataclass of the objective's options; ``meta["kinds"]`` lists the
+    architecture kinds it can train and ``meta["default_model"]`` the model config chosen
+    when the user names none.
+    """
+
+
+@hookspec
+def lmkit_register_architectures():
+    """Return architectures.
+
+    ``factory(cfg) -> nn.Module`` following :mod:`lmkit.models.base`; ``config_cls`` is the
+    architecture's config dataclass; ``meta["kind"]`` is its kind
+    (``decoder``/``encoder``/``encoder_decoder``).
+    """
+
+
+@hookspec
+def lmkit_register_optimizers():
+    """Return optimizers: ``factory(param_groups, cfg) -> torch.optim.Optimizer``.
+
+    ``param_groups`` already separates parameters with and without weight decay.
+    """
+
+
+@hookspec
+def lmkit_register_schedulers():
+    """Return LR schedules: ``factory(optimizer, cfg, total_steps) -> LRScheduler`` stepped per optimizer step."""
+
+
+@hookspec
+def lmkit_register_strategies():
+    """Return parallelism strategies: ``factory(cfg) -> lmkit.strategies.StrategyPlan``.
+
+    The plan carries the Lightning strategy (object or name) and an optional
+    ``parallelize(model, cfg)`` applied to the built model from outside.
+    """
+
+
+@hookspec
+def lmkit_register_tokenizers():
+    """Return tokenizers: ``factory(cfg, texts: Callable[[], Iterable[str]], cache_dir) -> Tokenizer``."""
+
+
+@hookspec
+def lmkit_register_datasets():
+    """Return dataset sources: ``factory(cfg) -> Iterable[str]`` yielding documents."""
+
+
+@hookspec
+def lmkit_register_callbacks():
+    """Return Lightning callbacks: ``factory(cfg) -> lightning.Callback``, enabled by name in ``callbacks``."""
+
+
+@hookspec
+def lmkit_config_dirs():
+    """Return directories of Hydra config files this plugin contributes.
+
+    A directory laid out like lmkit's own ``conf/`` (``objective/foo.yaml``,
+    ``optimizer/bar.yaml`` ...) makes ``+objective=foo`` and ``optimizer=bar`` work.
+    """
+
+
+@hookspec
+def lmkit_configure_model(model, cfg):
+    """Modify a freshly built architecture in place before the objective wraps it.
+
+    Called for every built model with the whole run config; return nothing. The
+    mixture-of-experts plugin swaps feed-forward layers here when ``model.moe`` asks for it.
+    """

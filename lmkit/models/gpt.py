@@ -1,0 +1,86 @@
+"""GPT-2 style decoder: learned positions, pre-LayerNorm, GELU MLP, tied embeddings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmkit.models.init import initialize
+from lmkit.models.layers import MLP, SelfAttention, build_attention_bias
+
+
+@dataclass
+class GPTConfig:
+    """Sizes and options of :class:`GPT`. ``vocab_size`` None = taken from the tokenizer."""
+
+    name: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int | None = None  # default 4 * d_model
+    max_seq_len: int = 256
+    vocab_size: int | None = None
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    init: str = "normal"
+    init_std: float = 0.02
+    compile: bool = False
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.dropout, cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, "gelu", cfg.dropout, cfg.bias)
+
+    def forward(self, x, mask=None, is_causal=True):
+        x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer (GPT-2). Causal by default; ``attn_mask`` allows prefix LM."""
+
+    kind = "decoder"
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model, self.vocab_size, self.max_seq_len = cfg.d_model, cfg.vocab_size, cfg.max_seq_len
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        initialize(self, cfg.init, cfg.init_std, cfg.n_layer)
+
+    def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
+                decoder_input_ids=None, decoder_padding_mask=None):
+        B, T = input_ids.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.max_seq_len}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        mask, is_causal = build_attention_bias(padding_mask, attn_mask, True, T, T, input_ids.device)
+        for block in self.blocks:
+            x = block(x, mask=mask, is_causal=is_causal)
+        return self.ln_f(x)
+
+    def output_embedding(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden):
+        return hidden @ self.output_embedding().t() if self.lm_head is None else self.lm_head(hidden)
+
+    def transformer_blocks(self):
+        return list(self.blocks)
+
+    def embedding_modules(self):
+        return [self.wte, self.wpe]

@@ -1,0 +1,257 @@
+"""Building blocks shared by the built-in transformers: attention, MLP, masks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build_attention_bias(
+    padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    causal: bool,
+    q_len: int,
+    k_len: int,
+    device,
+) -> tuple[torch.Tensor | None, bool]:
+    """Combine masks into what ``scaled_dot_product_attention`` takes.
+
+    Returns ``(mask, is_causal)``. When only causality is needed, the mask is None and
+    ``is_causal`` is True, so SDPA can pick its fused causal kernels.
+    ``padding_mask`` [B, K] is True for real tokens; ``attn_mask`` [B, Q, K] True = may attend.
+    """
+    if attn_mask is None and padding_mask is None:
+        return None, causal
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask[:, None, :, :]
+    elif causal:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
+    if padding_mask is not None:
+        pad = padding_mask[:, None, None, :].bool()
+        mask = pad if mask is None else mask & pad
+    # A query row that may attend to nothing (a padded query) would give NaN; let it see itself.
+    if q_len == k_len:
+        eye = torch.eye(q_len, dtype=torch.bool, device=device)[None, None]
+        mask = mask | eye
+    return mask, False
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+
+    def forward(self, x, mask=None, is_causal=False, position_bias=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if position_bias is not None:
+            bias = position_bias.to(q.dtype)
+            if mask is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))
+            elif is_causal:
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                bias = bias.masked_fill(~causal, float("-inf"))
+            mask, is_causal = bias, False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear -> activation -> Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = {"gelu": nn.GELU(approximate="tanh"), "gelu_exact": nn.GELU(), "relu": nn.ReLU()}[activation]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+# --- Encoder / encoder–decoder building blocks (BERT, T5, BART, ALBERT) -----------------
+
+
+def fold_position_bias(
+    position_bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    q_len: int,
+    k_len: int,
+    dtype: torch.dtype,
+    device,
+) -> tuple[torch.Tensor | None, bool]:
+    """Fold an additive position bias [1 or B, H, Q, K] into an SDPA mask.
+
+    ``mask`` (bool, True = may attend) and ``is_causal`` are what :func:`build_attention_bias`
+    returned; the result is a float mask with -inf where attention is not allowed.
+    """
+    if position_bias is None:
+        return mask, is_causal
+    bias = position_bias.to(dtype)
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf"))
+    elif is_causal:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+        bias = bias.masked_fill(~causal, float("-inf"))
+    return bias, False
+
+
+def cross_attention_mask(memory_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """SDPA mask [B, 1, 1, S] for attending to a memory whose padding is ``memory_padding_mask``.
+
+    A batch row whose memory is all padding may attend to all of it, so that it gives
+    finite values rather than NaN.
+    """
+    if memory_padding_mask is None:
+        return None
+    mask = memory_padding_mask.bool()
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask[:, None, None, :]
+
+
+class ScaledSelfAttention(SelfAttention):
+    """:class:`SelfAttention` with an explicit softmax scale.
+
+    ``scale=None`` is SDPA's 1/sqrt(d_head); T5 uses ``scale=1.0`` (its initialization folds
+    the 1/sqrt(d_head) into the query projection).
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 scale: float | None = None):
+        super().__init__(d_model, n_head, dropout, bias)
+        self.scale = scale
+
+    def forward(self, x, mask=None, is_causal=False, position_bias=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask, is_causal = fold_position_bias(position_bias, mask, is_causal, T, T, q.dtype, x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries ``x`` [B, T, D] to a ``memory`` [B, S, D].
+
+    The encoder–decoder attention of T5 and BART: queries come from the decoder, keys and
+    values from the encoder output. ``mask`` is bool [B, 1, T or 1, S] (True = may attend),
+    e.g. from :func:`cross_attention_mask`; ``position_bias`` an optional additive
+    [1 or B, H, T, S] bias. ``scale`` as in :class:`ScaledSelfAttention`.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 scale: float | None = None):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+        self.scale = scale
+
+    def forward(self, x, memory, mask=None, position_bias=None):
+        B, T, D = x.shape
+        S = memory.shape[1]
+        h = self.n_head
+        q = self.q(x).view(B, T, h, D // h).transpose(1, 2)
+        k, v = self.kv(memory).split(D, dim=-1)
+        k, v = (t.view(B, S, h, D // h).transpose(1, 2) for t in (k, v))
+        mask, _ = fold_position_bias(position_bias, mask, False, T, S, q.dtype, x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class GatedMLP(nn.Module):
+    """Gated feed-forward (T5 v1.1 "gated-gelu", GLU variants): proj(act(gate(x)) * fc(x))."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = {"gelu": nn.GELU(approximate="tanh"), "gelu_exact": nn.GELU(), "relu": nn.ReLU(),
+                    "silu": nn.SiLU()}[activation]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.gate(x)) * self.fc(x)))
+
+
+class Pooler(nn.Module):
+    """BERT's [CLS] pooler: tanh(Linear(hidden[:, 0]))."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class PostLNBlock(nn.Module):
+    """Post-LN (BERT/BART/ALBERT) or pre-LN encoder/decoder block.
+
+    Encoder: ``x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))``. With ``cross=True`` (decoder)
+    a cross-attention sub-layer ``ln_x(x + cross_attn(x, memory))`` sits between the two.
+    ``pre_ln=True`` moves each norm to the sub-layer's input (``x + f(ln(x))``); the model
+    then needs a final norm. ``attn``/``mlp``/norms may be passed in to share them between
+    blocks (ALBERT).
+    """
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0, *,
+                 activation: str = "gelu_exact", bias: bool = True, eps: float = 1e-5,
+                 pre_ln: bool = False, cross: bool = False, attn=None, mlp=None, ln_1=None, ln_2=None):
+        super().__init__()
+        self.pre_ln = pre_ln
+        self.attn = attn if attn is not None else SelfAttention(d_model, n_head, dropout, bias)
+        self.ln_1 = ln_1 if ln_1 is not None else nn.LayerNorm(d_model, eps=eps, bias=bias)
+        if cross:
+            self.cross_attn = CrossAttention(d_model, n_head, dropout, bias)
+            self.ln_x = nn.LayerNorm(d_model, eps=eps, bias=bias)
+        else:
+            self.cross_attn = None
+        self.mlp = mlp if mlp is not None else MLP(d_model, d_ff, activation, dropout, bias)
+        self.ln_2 = ln_2 if ln_2 is not None else nn.LayerNorm(d_model, eps=eps, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def _sublayer(self, x, norm, fn):
+        if self.pre_ln:
+            return x + self.drop(fn(norm(x)))
+        return norm(x + self.drop(fn(x)))
+
+    def forward(self, x, mask=None, is_causal=False, memory=None, memory_mask=None):
+        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, mask=mask, is_causal=is_causal))
+        if self.cross_attn is not None:
+            x = self._sublayer(x, self.ln_x, lambda h: self.cross_attn(h, memory, mask=memory_mask))
+        # MLP applies its own output dropout.
+        if self.pre_ln:
+            return x + self.mlp(self.ln_2(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+def require_vocab_size(cfg) -> int:
+    """``cfg.vocab_size``, or a clear error when it was left None (it comes from the tokenizer)."""
+    if cfg.vocab_size is None:
+        raise ValueError(f"{type(cfg).__name__}.vocab_size is None; set it (normally from the tokenizer) first")
+    return int(cfg.vocab_size)

@@ -1,0 +1,184 @@
+"""LMModule: the LightningModule that joins an architecture, an objective and an optimizer.
+
+Optimization is manual so that one training step holds all its micro-batches: the loss
+of each micro-batch is divided by the predicted tokens of the whole step (summed over
+ranks), which makes gradient accumulation exactly equal to one large batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchmetrics import SumMetric
+
+from lmkit.models.base import collect_aux_losses, no_weight_decay
+from lmkit.objectives.base import LossOutput
+
+
+class LMModule(L.LightningModule):
+    """Training and validation of ``model`` under ``objective``.
+
+    ``optimizer_factory(param_groups)`` and ``scheduler_factory(optimizer, total_steps)``
+    come from the registries; ``parallelize(model)`` (optional) is applied in
+    :meth:`configure_model`, where strategies expect sharding to happen.
+    """
+
+    def __init__(self, model, objective, optimizer_factory, scheduler_factory, weight_decay: float,
+                 gradient_clip: float = 1.0, max_nonfinite_steps: int = 10, parallelize=None):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.weight_decay, self.gradient_clip = weight_decay, gradient_clip
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.parallelize = parallelize
+        self.automatic_optimization = False
+        self.data_steps = 0  # optimizer steps' worth of data consumed (drives the sampler)
+        self.nonfinite_steps = 0
+        self.val_nll, self.val_targets, self.val_bytes, self.val_loss = (SumMetric() for _ in range(4))
+        self.history: list[dict] = []  # per-validation summaries, for the CLI report
+
+    # -- setup --------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.parallelize is not None and not getattr(self, "_parallelized", False):
+            self.parallelize(self)
+            self._parallelized = True
+
+    def configure_optimizers(self):
+        skip = {f"model.{n}" for n in no_weight_decay(self.model)} | {f"objective.{n}" for n in no_weight_decay(self.objective)}
+        decay, no_decay, seen = [], [], set()
+        for name, p in self.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if name in skip or p.dim() < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1
+        scheduler = self.scheduler_factory(optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- training -----------------------------------------------------------------
+    def _step_targets(self, micro_batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets on this rank, mean targets per rank) for the whole step."""
+        local = torch.stack([self.objective.count_targets(mb) for mb in micro_batches]).sum().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = local.clone()
+            dist.all_reduce(total)
+            return local, total / dist.get_world_size()
+        return local, local
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        micro_batches = batch["micro_batches"]
+        self.data_steps += 1
+        local_targets, norm = self._step_targets(micro_batches)
+        norm = norm.clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_logs: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        for i, mb in enumerate(micro_batches):
+            out: LossOutput = self.objective.loss(self.model, mb)
+            loss = out.loss_sum / norm
+            for name, value in collect_aux_losses(self.model).items():
+                loss = loss + value * (out.n_targets / local_targets.clamp(min=1))
+                aux_logs[name] = aux_logs.get(name, 0) + value.detach() / len(micro_batches)
+            sync = i == len(micro_batches) - 1
+            with self._maybe_no_sync(sync):
+                self.manual_backward(loss)
+            loss_sum = loss_sum + out.loss_sum.detach()
+            n_tokens += mb["input_ids"].numel()
+        step_loss = loss_sum / local_targets.clamp(min=1)
+        if not torch.isfinite(step_loss):
+            return self._skip_nonfinite(opt, step_loss)
+        if self.gradient_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        self.log("global_step", float(self.global_step))  # lets ModelCheckpoint keep the last k
+        self.log("train/loss", step_loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(step_loss.clamp(max=30)))
+        self.log("train/lr", sched.get_last_lr()[0], prog_bar=True)
+        self.log("train/tokens", float(n_tokens), reduce_fx="sum")
+        for name, value in aux_logs.items():
+            self.log(f"train/{name}", value)
+        self._last_step_tokens = n_tokens
+        return step_loss
+
+    def _maybe_no_sync(self, sync: bool):
+        wrapped = self.trainer.model if self._trainer is not None else None
+        if not sync and wrapped is not None and hasattr(wrapped, "no_sync"):
+            return wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def _skip_nonfinite(self, opt, step_loss):
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            from lmkit.errors import LmkitError
+
+            raise LmkitError(
+                f"the loss was not finite ({float(step_loss)}) in {self.nonfinite_steps} steps, more than "
+                f"trainer.max_nonfinite_steps={self.max_nonfinite_steps}. Training stopped; the last good checkpoint "
+                f"is kept. Lower optimizer.lr, enable trainer.gradient_clip, or use precision=bf16-mixed."
+            )
+        return None
+
+    # -- validation ---------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        for mb in batch["micro_batches"]:
+            out = self.objective.loss(self.model, mb)
+            self.val_loss.update(out.loss_sum.float())
+            self.val_targets.update(out.n_targets.float())
+            if out.nll_sum is not None:
+                self.val_nll.update(out.nll_sum.float())
+                self.val_bytes.update(out.n_bytes.float())
+
+    def on_validation_epoch_end(self):
+        targets = self.val_targets.compute()
+        loss = self.val_loss.compute() / targets.clamp(min=1)
+        summary = {"step": self.global_step, "val/loss": float(loss)}
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        nll = self.val_nll.compute()
+        if float(targets) > 0 and float(self.val_bytes.compute()) > 0:
+            mean_nll = nll / targets
+            ppl = torch.exp(mean_nll.clamp(max=30))
+            bpb = nll / (self.val_bytes.compute() * math.log(2))
+            self.log("val/ppl", ppl)
+            self.log("val/bpb", bpb)
+            summary.update({"val/ppl": float(ppl), "val/bpb": float(bpb)})
+        for m in (self.val_nll, self.val_targets, self.val_bytes, self.val_loss):
+            m.reset()
+        self.history.append(summary)
+
+    # -- checkpoint state ---------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        np_state = np.random.get_state()
+        checkpoint["lmkit"] = {
+            "data_steps": self.data_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("lmkit", {})
+        self.data_steps = int(state.get("data_steps", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            n = rng["numpy"]
+            np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+            p = rng["python"]
+            random.setstate((p[0], tuple(p[1]), p[2]))

@@ -1,0 +1,95 @@
+"""The objective contract: example construction, heads, loss and metrics of one training task."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmkit.tokenizers.base import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """What an objective's loss returns for one micro-batch.
+
+    ``loss_sum``: the objective's loss summed over its ``n_targets`` predictions (the
+    module divides by the targets of the whole accumulated step, so gradient accumulation
+    is exact). ``nll_sum``/``n_bytes``: language-model negative log-likelihood in nats and
+    the UTF-8 bytes its targets stand for, for perplexity and bits-per-byte (None when the
+    objective has no LM likelihood). ``logs``: extra scalar metrics (means).
+    """
+
+    loss_sum: torch.Tensor
+    n_targets: torch.Tensor
+    nll_sum: torch.Tensor | None = None
+    n_bytes: torch.Tensor | None = None
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Collator:
+    """Turns a micro-batch of token blocks into model inputs; runs in DataLoader workers.
+
+    Must be picklable and must not hold model parameters. ``gen`` is seeded from the
+    examples' stream positions, so noise is deterministic under resume and multiple workers.
+    """
+
+    def __call__(self, blocks: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Objective(nn.Module):
+    """Base class of training objectives.
+
+    Subclasses set ``kinds`` (architecture kinds they train), and implement
+    :meth:`block_layout`, :meth:`make_collator`, :meth:`attach` (build heads that depend on
+    the model) and :meth:`loss`. Heads are sub-modules of the objective, so they are
+    trained, checkpointed and sharded with the model.
+    """
+
+    kinds: tuple[str, ...] = ()
+    #: sentinel tokens this objective needs at the top of the vocabulary
+    required_sentinels: int = 0
+
+    def __init__(self, cfg, tokenizer: Tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = tokenizer.vocab_size
+        self.register_buffer("byte_lengths", torch.from_numpy(np.asarray(tokenizer.token_byte_lengths(), dtype=np.int64)), persistent=False)
+
+    def block_layout(self, seq_len: int) -> tuple[int, int]:
+        """(block length, stride) of the raw token windows cut from the packed stream."""
+        return seq_len, seq_len
+
+    def make_collator(self) -> Collator:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> None:
+        """Create heads sized for ``model``; called once before training."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Predicted tokens in ``batch`` (used to normalise the loss of a whole step)."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    # -- shared helpers -------------------------------------------------------------
+    def lm_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Summed token cross-entropy (nats) of ``logits`` against ``labels`` (-100 ignored)."""
+        flat = labels.reshape(-1)
+        nll_sum = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        valid = flat != IGNORE_INDEX
+        n_bytes = self.byte_lengths[flat.clamp(min=0)][valid].sum()
+        return LossOutput(loss_sum=nll_sum, n_targets=valid.sum(), nll_sum=nll_sum, n_bytes=n_bytes)
+
+
+def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
+    """Σ NLL (nats) / (bytes · ln 2), as in lm-evaluation-harness."""
+    return nll_sum / (max(n_bytes, 1) * math.log(2))

@@ -1,0 +1,55 @@
+"""Learning-rate schedules, stepped once per optimizer step: warmup, then cosine/linear/constant."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch.optim.lr_scheduler import LambdaLR
+
+from lmkit.errors import ConfigError
+
+
+@dataclass
+class SchedulerConfig:
+    """``warmup_steps`` of linear warmup from 0, then decay to ``min_lr_ratio · lr`` at the last step."""
+
+    name: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None  # default: the run's total steps
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+class WarmupDecay:
+    """LR multiplier at step ``s``: linear warmup, then ``shape`` decay to ``floor``; picklable."""
+
+    def __init__(self, shape: str, warmup: int, total: int, floor: float):
+        self.shape, self.warmup, self.total, self.floor = shape, warmup, max(total, warmup + 1), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.shape == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        if self.shape == "cosine":
+            return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - self.floor) * progress
+
+
+def _build(shape):
+    def build(optimizer, cfg: SchedulerConfig, total_steps: int):
+        return LambdaLR(optimizer, WarmupDecay(shape, cfg.warmup_steps, cfg.decay_steps or total_steps, cfg.min_lr_ratio))
+
+    build.__doc__ = f"Linear warmup then {shape} schedule."
+    return build
+
+
+build_cosine = _build("cosine")
+build_linear = _build("linear")
+build_constant = _build("constant")

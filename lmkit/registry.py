@@ -1,0 +1,86 @@
+"""Registries: one per kind of component, filled by plugins through the hooks."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lmkit.errors import ConfigError, PluginError
+
+KINDS = ("objective", "architecture", "optimizer", "scheduler", "strategy", "tokenizer", "dataset", "callback")
+
+
+@dataclass
+class Component:
+    """One registered component.
+
+    ``name``: what users write. ``factory``: builds it (signature depends on the kind, see
+    :mod:`lmkit.hookspecs`). ``config_cls``: dataclass validating its config section (None =
+    no options). ``meta``: kind-specific facts (e.g. an objective's architecture kinds).
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    config_cls: type | None = None
+    description: str = ""
+    meta: dict = field(default_factory=dict)
+    provider: str = ""  # distribution name, filled by the plugin manager
+    version: str = ""
+
+
+@dataclass
+class FailedPlugin:
+    """A plugin whose import or registration raised."""
+
+    entry_point: str
+    distribution: str
+    version: str
+    error: str
+
+    def describe(self) -> str:
+        return f"plugin '{self.entry_point}' from {self.distribution} {self.version} failed to load: {self.error}"
+
+
+class Registry:
+    """Name -> Component for one kind, with helpful lookup errors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Component] = {}
+        self.failed: list[FailedPlugin] = []
+
+    def add(self, component: Component) -> None:
+        old = self._items.get(component.name)
+        if old is not None:
+            if old.factory is component.factory:
+                return  # the very same object registered twice is harmless
+            raise PluginError(
+                f"{self.kind} '{component.name}' is registered twice: by {old.provider} {old.version} "
+                f"and by {component.provider} {component.version}. Uninstall one of the two "
+                f"distributions, or rename the component in one of them."
+            )
+        self._items[component.name] = component
+
+    def get(self, name: str) -> Component:
+        if name in self._items:
+            return self._items[name]
+        raise ConfigError(self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        names = sorted(self._items)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        available = ", ".join(f"{n} ({self._items[n].provider})" for n in names) or "none"
+        msg = f"unknown {self.kind} '{name}'.{hint} Available: {available}."
+        if self.failed:
+            msg += " Note: " + "; ".join(f.describe() for f in self.failed) + "."
+        return msg
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __iter__(self):
+        return iter(self._items[n] for n in sorted(self._items))

@@ -1,0 +1,189 @@
+"""Build every piece of a run from a validated config, and train."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from lmkit.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO, resolve_resume
+from lmkit.config.validate import RunConfig
+from lmkit.data.cache import default_cache_dir
+from lmkit.data.datamodule import LMDataModule
+from lmkit.errors import CheckpointError, ConfigError
+from lmkit.module import LMModule
+from lmkit.tokenizers.trained import load_tokenizer_file
+
+
+@dataclass
+class BuiltRun:
+    trainer: L.Trainer
+    module: LMModule
+    datamodule: LMDataModule
+    tokenizer: object
+    ckpt_path: Path | None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_tokenizer(run: RunConfig, source, cache_dir: Path):
+    needed = getattr(run.objective_component.factory, "sentinels_needed", None)
+    tok_cfg = run.tokenizer
+    if needed is not None:
+        tok_cfg = dataclasses.replace(tok_cfg, num_sentinels=max(tok_cfg.num_sentinels, needed(run.objective, run.data.seq_len)))
+    return run.tokenizer_component.factory(tok_cfg, source, cache_dir)
+
+
+def build_model(run: RunConfig, tokenizer, pm):
+    model_cfg = run.model
+    if getattr(model_cfg, "vocab_size", None) is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    elif model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}); set model.vocab_size=null to take the tokenizer's size.")
+    model = run.model_component.factory(model_cfg)
+    pm.configure_model(model=model, cfg=run.raw)
+    if getattr(model_cfg, "compile", False):
+        model.compile()
+    return model
+
+
+def _loggers(run: RunConfig, run_dir: Path):
+    cfg = run.logger
+    if cfg.name == "none":
+        return False
+    if cfg.name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(run_dir), name="", version="logs")
+    if cfg.name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(str(run_dir), name="", version="tb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
+    return WandbLogger(project=cfg.project, entity=cfg.entity, save_dir=str(run_dir), offline=mode == "offline",
+                       mode=mode if mode == "disabled" else None, tags=list(cfg.tags),
+                       config=OmegaConf.to_container(run.raw, resolve=True))
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
+    """Everything the run needs, checked before any training step (and before writing files)."""
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else default_cache_dir()
+    ckpt_path, notes = (None, [])
+    if run.resume:
+        ckpt_path, notes = resolve_resume(str(run.resume))
+        for n in notes:
+            print(f"lmkit: {n}")
+    source = run.dataset_component.factory(run.data)
+    tokenizer = build_tokenizer(run, source, cache_dir)
+    if ckpt_path is not None:
+        saved = ckpt_path.parent.parent / "tokenizer.json"
+        if saved.exists() and load_tokenizer_file(saved).fingerprint() != tokenizer.fingerprint():
+            raise CheckpointError(
+                f"the tokenizer of this run does not match the one the checkpoint was trained with ({saved}). "
+                f"Use the same tokenizer settings as the checkpoint's run (see {saved.parent / 'config.yaml'})."
+            )
+    objective = run.objective_component.factory(run.objective, tokenizer)
+    model = build_model(run, tokenizer, pm)
+    objective.attach(model)
+    plan = run.strategy_component.factory(run.strategy)
+    opt_c, sched_c = run.optimizer_component, run.scheduler_component
+    module = LMModule(
+        model, objective,
+        optimizer_factory=lambda groups: opt_c.factory(groups, run.optimizer),
+        scheduler_factory=lambda opt, total: sched_c.factory(opt, run.scheduler, total),
+        weight_decay=getattr(run.optimizer, "weight_decay", 0.0),
+        gradient_clip=run.trainer.gradient_clip, max_nonfinite_steps=run.trainer.max_nonfinite_steps,
+        parallelize=(lambda m: plan.parallelize(m, run)) if plan.parallelize else None,
+    )
+    datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
+                              run.trainer.val_batches, data_steps=lambda: module.data_steps)
+    datamodule.prepare()
+    trainer = build_trainer(run, run_dir, plan)
+    return BuiltRun(trainer, module, datamodule, tokenizer, ckpt_path)
+
+
+def build_trainer(run: RunConfig, run_dir: Path, plan) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = run.trainer
+    callbacks = [
+        ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last_k, monitor="global_step",
+                        mode="max", save_last=True),
+    ]
+    callbacks += [c.factory(run.raw) for c in run.callbacks]
+    plugins = [AtomicCheckpointIO()] if getattr(plan, "atomic_checkpoints", True) else []
+    return L.Trainer(
+        max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=plan.strategy,
+        logger=_loggers(run, run_dir), callbacks=callbacks, enable_progress_bar=t.progress_bar,
+        log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False, default_root_dir=str(run_dir),
+        plugins=plugins, enable_model_summary=False,
+        inference_mode=False,  # metric states are reset inside validation; inference tensors could not be updated later
+    )
+
+
+def save_run_files(run: RunConfig, built: BuiltRun, run_dir: Path) -> None:
+    """The resolved config and the tokenizer, next to the checkpoints."""
+    if built.trainer.global_rank != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run.raw, resolve=True))
+    tmp = run_dir / f".tokenizer.json.tmp{os.getpid()}"
+    built.tokenizer.save(tmp)
+    os.replace(tmp, run_dir / "tokenizer.json")
+
+
+def train(run: RunConfig, pm, run_dir: Path) -> dict:
+    """Train; return a summary with the validation metrics at the start and the end."""
+    built = build_run(run, pm, run_dir)
+    save_run_files(run, built, run_dir)
+    trainer, module, dm = built.trainer, built.module, built.datamodule
+    start = None
+    if built.ckpt_path is None and run.trainer.validate_at_start and run.data.val_fraction > 0:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        start = module.history[-1] if module.history else None
+    trainer.fit(module, datamodule=dm, ckpt_path=str(built.ckpt_path) if built.ckpt_path else None)
+    if run.data.val_fraction > 0 and (not module.history or module.history[-1]["step"] != trainer.global_step):
+        trainer.validate(module, datamodule=dm, verbose=False)
+    end = module.history[-1] if module.history else None
+    n_params = sum(p.numel() for p in module.model.parameters())
+    return {"start": start, "end": end, "steps": trainer.global_step, "params": n_params,
+            "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR)}
+
+
+def format_summary(summary: dict) -> str:
+    def fmt(m):
+        if not m:
+            return "n/a"
+        parts = [f"loss {m['val/loss']:.4f}"]
+        if "val/ppl" in m:
+            parts += [f"perplexity {m['val/ppl']:.3f}", f"bits/byte {m['val/bpb']:.3f}"]
+        return ", ".join(parts)
+
+    lines = [f"trained {summary['steps']} steps, {summary['params'] / 1e6:.2f}M parameters"]
+    if summary["start"]:
+        lines.append(f"validation at start: {fmt(summary['start'])}")
+    lines.append(f"validation at end:   {fmt(summary['end'])}")
+    lines.append(f"checkpoints: {summary['checkpoint_dir']}")
+    return "\n".join(lines)
