@@ -51,19 +51,29 @@ def lmkit_register_schedulers():
 def lmkit_register_strategies():
     """Return parallelism strategies: ``factory(cfg) -> lmkit.strategies.StrategyPlan``.
 
-    The plan carries the Lightning strategy (object or name) and an optional
-    ``parallelize(model, cfg)`` applied to the built model from outside.
+    ``cfg`` is the validated ``strategy`` section. The plan carries the Lightning strategy
+    (object or name), an optional ``parallelize(lm_module, run)`` applied from outside in
+    ``LightningModule.configure_model`` (it shards ``lm_module.model`` and the objective's
+    heads in place; ``lm_module.device_mesh`` is set by mesh-aware strategies), and optional
+    replacements of the step's forward/backward (pipeline schedules).
     """
 
 
 @hookspec
 def lmkit_register_tokenizers():
-    """Return tokenizers: ``factory(cfg, texts: Callable[[], Iterable[str]], cache_dir) -> Tokenizer``."""
+    """Return tokenizers: ``factory(cfg, source, cache_dir) -> lmkit.tokenizers.base.Tokenizer``.
+
+    ``source`` is the run's :class:`lmkit.data.sources.Source` (``documents()`` iterates the
+    corpus, ``fingerprint()`` identifies it for caching a trained tokenizer).
+    """
 
 
 @hookspec
 def lmkit_register_datasets():
-    """Return dataset sources: ``factory(cfg) -> Iterable[str]`` yielding documents."""
+    """Return dataset sources: ``factory(data_cfg) -> lmkit.data.sources.Source``.
+
+    Users pick one with ``data.source=NAME``; the source yields documents (strings).
+    """
 
 
 @hookspec

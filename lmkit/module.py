@@ -29,13 +29,15 @@ class LMModule(L.LightningModule):
     """
 
     def __init__(self, model, objective, optimizer_factory, scheduler_factory, weight_decay: float,
-                 gradient_clip: float = 1.0, max_nonfinite_steps: int = 10, parallelize=None):
+                 gradient_clip: float = 1.0, max_nonfinite_steps: int = 10, parallelize=None,
+                 plan_forward_backward=None, plan_evaluate=None):
         super().__init__()
         self.model, self.objective = model, objective
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
         self.weight_decay, self.gradient_clip = weight_decay, gradient_clip
         self.max_nonfinite_steps = max_nonfinite_steps
         self.parallelize = parallelize
+        self.plan_forward_backward, self.plan_evaluate = plan_forward_backward, plan_evaluate
         self.automatic_optimization = False
         self.data_steps = 0  # optimizer steps' worth of data consumed (drives the sampler)
         self.nonfinite_steps = 0
@@ -72,27 +74,36 @@ class LMModule(L.LightningModule):
             return local, total / dist.get_world_size()
         return local, local
 
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        micro_batches = batch["micro_batches"]
-        self.data_steps += 1
+    def forward_backward(self, micro_batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over one step's micro-batches; returns (Σ loss, targets on this rank).
+
+        Each micro-batch's loss is divided by the mean targets per rank of the whole step,
+        so the accumulated gradient equals that of one large batch. A strategy may replace
+        this (``StrategyPlan.forward_backward``), e.g. with a pipeline schedule.
+        """
+        if self.plan_forward_backward is not None:
+            return self.plan_forward_backward(self, micro_batches)
         local_targets, norm = self._step_targets(micro_batches)
         norm = norm.clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
-        aux_logs: dict[str, torch.Tensor] = {}
-        n_tokens = 0
         for i, mb in enumerate(micro_batches):
             out: LossOutput = self.objective.loss(self.model, mb)
             loss = out.loss_sum / norm
             for name, value in collect_aux_losses(self.model).items():
                 loss = loss + value * (out.n_targets / local_targets.clamp(min=1))
-                aux_logs[name] = aux_logs.get(name, 0) + value.detach() / len(micro_batches)
-            sync = i == len(micro_batches) - 1
-            with self._maybe_no_sync(sync):
+                self._aux_logs[name] = self._aux_logs.get(name, 0) + value.detach() / len(micro_batches)
+            with self._maybe_no_sync(i == len(micro_batches) - 1):
                 self.manual_backward(loss)
             loss_sum = loss_sum + out.loss_sum.detach()
-            n_tokens += mb["input_ids"].numel()
+        return loss_sum, local_targets
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        micro_batches = batch["micro_batches"]
+        self.data_steps += 1
+        self._aux_logs: dict[str, torch.Tensor] = {}
+        loss_sum, local_targets = self.forward_backward(micro_batches)
         step_loss = loss_sum / local_targets.clamp(min=1)
         if not torch.isfinite(step_loss):
             return self._skip_nonfinite(opt, step_loss)
@@ -105,10 +116,9 @@ class LMModule(L.LightningModule):
         self.log("train/loss", step_loss, prog_bar=True)
         self.log("train/ppl", torch.exp(step_loss.clamp(max=30)))
         self.log("train/lr", sched.get_last_lr()[0], prog_bar=True)
-        self.log("train/tokens", float(n_tokens), reduce_fx="sum")
-        for name, value in aux_logs.items():
+        for name, value in self._aux_logs.items():
             self.log(f"train/{name}", value)
-        self._last_step_tokens = n_tokens
+        self._last_step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
         return step_loss
 
     def _maybe_no_sync(self, sync: bool):
@@ -134,7 +144,7 @@ class LMModule(L.LightningModule):
     # -- validation ---------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         for mb in batch["micro_batches"]:
-            out = self.objective.loss(self.model, mb)
+            out = self.plan_evaluate(self, mb) if self.plan_evaluate else self.objective.loss(self.model, mb)
             self.val_loss.update(out.loss_sum.float())
             self.val_targets.update(out.n_targets.float())
             if out.nll_sum is not None:

@@ -12,11 +12,18 @@ class StrategyPlan:
     ``strategy``: a Lightning strategy object or name. ``parallelize(model, cfg, device_mesh)``,
     when given, is applied to the architecture inside ``LightningModule.configure_model``
     (e.g. FSDP2 ``fully_shard`` per block, DTensor tensor parallel), so model code stays
-    plain. ``manual_step``: the strategy drives forward/backward itself (pipelining).
+    plain. ``forward_backward(lm_module, micro_batches) -> (loss_sum, n_targets)``, when
+    given, replaces the module's own forward/backward over a step's micro-batches (a
+    pipeline schedule drives it); ``evaluate(lm_module, batch) -> LossOutput`` likewise for
+    validation. ``atomic_checkpoints``: False where the strategy writes its own (sharded)
+    checkpoint format.
     """
 
     strategy: Any = "auto"
     parallelize: Callable | None = None
+    forward_backward: Callable | None = None
+    evaluate: Callable | None = None
+    atomic_checkpoints: bool = True
     description: str = ""
 
 

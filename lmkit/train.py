@@ -113,6 +113,7 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
         weight_decay=getattr(run.optimizer, "weight_decay", 0.0),
         gradient_clip=run.trainer.gradient_clip, max_nonfinite_steps=run.trainer.max_nonfinite_steps,
         parallelize=(lambda m: plan.parallelize(m, run)) if plan.parallelize else None,
+        plan_forward_backward=plan.forward_backward, plan_evaluate=plan.evaluate,
     )
     datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
                               run.trainer.val_batches, data_steps=lambda: module.data_steps)

@@ -1,0 +1,35 @@
+"""Programmatic runs: the same compose → validate → train path as the CLI, without Hydra's launcher."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmkit.config.compose import check_overrides, compose_config, split_args
+from lmkit.config.validate import RunConfig, resolve_run
+from lmkit.plugins import get_plugin_manager
+
+
+def load_run_config(overrides: list[str]) -> RunConfig:
+    """Validated run config for ``overrides`` (as on the command line), objective default model included."""
+    pm = get_plugin_manager()
+    dirs = pm.config_dirs()
+    args = check_overrides(split_args(list(overrides)), dirs)
+    overrides = list(args.overrides)
+    if "objective" in args.group_choices and "model" not in args.group_choices:
+        default = pm.get("objective", args.group_choices["objective"][0]).meta.get("default_model")
+        if default:
+            overrides.append(f"model={default}")
+    return resolve_run(compose_config(dirs, overrides), pm, model_choice=args.group_choices.get("model", [None])[0])
+
+
+def run(overrides: list[str], run_dir) -> dict:
+    """Train with ``overrides`` writing into ``run_dir``; returns the summary of :func:`lmkit.train.train`."""
+    from lmkit.train import train
+
+    return train(load_run_config(overrides), get_plugin_manager(), Path(run_dir))
+
+
+def build(overrides: list[str], run_dir):
+    """Build (without training) the trainer, module and datamodule for ``overrides``."""
+    from lmkit.train import build_run
+
+    return build_run(load_run_config(overrides), get_plugin_manager(), Path(run_dir))
