@@ -12,7 +12,7 @@ def load_run_config(overrides: list[str]) -> RunConfig:
     """Validated run config for ``overrides`` (as on the command line), objective default model included."""
     pm = get_plugin_manager()
     dirs = pm.config_dirs()
-    args = check_overrides(split_args(list(overrides)), dirs)
+    args = check_overrides(split_args(list(overrides)), dirs, pm.registries["model_extension"].names())
     overrides = list(args.overrides)
     if "objective" in args.group_choices and "model" not in args.group_choices:
         default = pm.get("objective", args.group_choices["objective"][0]).meta.get("default_model")

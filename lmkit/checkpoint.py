@@ -39,6 +39,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_checkpoint_file(path, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; a clear error for anything unsafe or damaged."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"'{path}' is a sharded checkpoint (a directory of per-rank shards): resume it with a sharding strategy "
+            f"(e.g. strategy=fsdp, any number of ranks), or consolidate it into one file first "
+            f"(python -m lmkit_fsdp.consolidate {path} OUT.ckpt)."
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
@@ -57,6 +63,25 @@ def load_checkpoint_file(path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"'{path}' is not an lmkit/Lightning training checkpoint (no state_dict)")
     return state
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """A directory written by torch.distributed.checkpoint through Lightning (one shard per rank + meta.pt)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def check_checkpoint(path) -> None:
+    """Raise CheckpointError unless ``path`` is a loadable checkpoint file or sharded checkpoint directory."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        load_checkpoint_file(path)
+        return
+    try:  # the shards are read by the strategy; the metadata must load safely
+        torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint '{path}' is damaged or unsafe ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
 
 
 def _candidates(run_dir: Path) -> list[Path]:
@@ -83,8 +108,8 @@ def resolve_resume(resume: str, outputs_root: Path = Path("outputs")) -> tuple[P
         run_dir = newest_run_dir(outputs_root)
     else:
         p = Path(resume)
-        if p.is_file():
-            load_checkpoint_file(p)
+        if p.is_file() or is_sharded_checkpoint(p):
+            check_checkpoint(p)
             return p, []
         if not p.exists():
             raise CheckpointError(f"resume='{resume}' does not exist: give a .ckpt file, a run directory, or 'last'")
@@ -92,7 +117,7 @@ def resolve_resume(resume: str, outputs_root: Path = Path("outputs")) -> tuple[P
     warnings = []
     for cand in _candidates(run_dir):
         try:
-            load_checkpoint_file(cand)
+            check_checkpoint(cand)
             return cand, warnings
         except CheckpointError as e:
             warnings.append(f"skipping damaged checkpoint: {e}")

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pm = get_plugin_manager()
         config_dirs = pm.config_dirs()
-        args = check_overrides(split_args(argv), config_dirs)
+        args = check_overrides(split_args(argv), config_dirs, pm.registries["model_extension"].names())
         if "objective" in args.group_choices and "model" not in args.group_choices:
             objective = pm.get("objective", args.group_choices["objective"][0])
             if objective.meta.get("default_model"):
@@ -59,6 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     except LmkitError as e:
         return _fail(str(e))
     return _run_hydra(config_dirs, args)
+
+
+def _remove_if_nothing_saved(run_dir: Path) -> None:
+    """A run refused before its first checkpoint leaves no directory behind."""
+    if not run_dir.exists() or any((run_dir / "checkpoints").glob("*.ckpt")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def _run_hydra(config_dirs: list[str], args) -> int:
@@ -79,17 +91,14 @@ def _run_hydra(config_dirs: list[str], args) -> int:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         choice = HydraConfig.get().runtime.choices.get("model")
         OmegaConf.set_struct(cfg, False)
-        started = False
         try:
             run = resolve_run(cfg, get_plugin_manager(), model_choice=choice)
             print(f"lmkit: run directory {run_dir}", flush=True)
-            started = True
             summary = train(run, get_plugin_manager(), run_dir)
             print(format_summary(summary), flush=True)
             return summary["end"]["val/loss"] if summary["end"] else None
         except LmkitError as e:
-            if not (run_dir / "checkpoints").exists() and run_dir.exists() and not started:
-                shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_if_nothing_saved(run_dir)
             state["rc"] = _fail(str(e))
             if not HydraConfig.get().mode.name == "MULTIRUN":
                 raise SystemExit(state["rc"])

@@ -91,9 +91,20 @@ def lmkit_config_dirs():
 
 
 @hookspec
-def lmkit_configure_model(model, cfg):
+def lmkit_register_model_extensions():
+    """Return model extensions: option blocks under ``model.<name>`` valid for every architecture.
+
+    ``config_cls`` validates ``model.<name>.*`` (the mixture-of-experts plugin registers
+    ``moe``, so ``model.moe.num_experts=8`` works on any built-in transformer). The
+    extension acts in :func:`lmkit_configure_model`; ``factory`` is unused (may be None).
+    """
+
+
+@hookspec
+def lmkit_configure_model(model, run):
     """Modify a freshly built architecture in place before the objective wraps it.
 
-    Called for every built model with the whole run config; return nothing. The
-    mixture-of-experts plugin swaps feed-forward layers here when ``model.moe`` asks for it.
+    Called for every built model with the validated run (``run.model_extensions`` holds
+    each extension's validated config); return nothing. The mixture-of-experts plugin
+    swaps feed-forward layers here when ``model.moe`` asks for it.
     """

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics import SumMetric
 
-from lmkit.models.base import collect_aux_losses, no_weight_decay
+from lmkit.models.base import collect_aux_losses, collect_metrics, no_weight_decay
 from lmkit.objectives.base import LossOutput
 
 
@@ -60,7 +60,7 @@ class LMModule(L.LightningModule):
             (no_decay if name in skip or p.dim() < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer_factory([g for g in groups if g["params"]])
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1
+        total = self._trainer.max_steps if self._trainer is not None and self._trainer.max_steps > 0 else 1
         scheduler = self.scheduler_factory(optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -117,6 +117,8 @@ class LMModule(L.LightningModule):
         self.log("train/ppl", torch.exp(step_loss.clamp(max=30)))
         self.log("train/lr", sched.get_last_lr()[0], prog_bar=True)
         for name, value in self._aux_logs.items():
+            self.log(f"train/{name}", value)
+        for name, value in collect_metrics(self.model).items():
             self.log(f"train/{name}", value)
         self._last_step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
         return step_loss

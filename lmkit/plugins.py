@@ -30,6 +30,7 @@ _HOOK_FOR_KIND = {
     "tokenizer": "lmkit_register_tokenizers",
     "dataset": "lmkit_register_datasets",
     "callback": "lmkit_register_callbacks",
+    "model_extension": "lmkit_register_model_extensions",
 }
 
 
@@ -105,8 +106,8 @@ class PluginManager:
                     dirs.append(str(d))
         return dirs
 
-    def configure_model(self, model, cfg) -> None:
-        self.pm.hook.lmkit_configure_model(model=model, cfg=cfg)
+    def configure_model(self, model, run) -> None:
+        self.pm.hook.lmkit_configure_model(model=model, run=run)
 
     def listing(self) -> str:
         lines = []

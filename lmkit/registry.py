@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 from lmkit.errors import ConfigError, PluginError
 
-KINDS = ("objective", "architecture", "optimizer", "scheduler", "strategy", "tokenizer", "dataset", "callback")
+KINDS = ("objective", "architecture", "optimizer", "scheduler", "strategy", "tokenizer", "dataset", "callback",
+         "model_extension")
 
 
 @dataclass

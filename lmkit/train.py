@@ -50,7 +50,7 @@ def build_model(run: RunConfig, tokenizer, pm):
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); set model.vocab_size=null to take the tokenizer's size.")
     model = run.model_component.factory(model_cfg)
-    pm.configure_model(model=model, cfg=run.raw)
+    pm.configure_model(model=model, run=run)
     if getattr(model_cfg, "compile", False):
         model.compile()
     return model

@@ -30,10 +30,19 @@ def lmkit_register_objectives():
 
 @hookimpl
 def lmkit_register_architectures():
+    from lmkit.models.albert import ALBERT, ALBERTConfig
+    from lmkit.models.bart import BART, BARTConfig
+    from lmkit.models.bert import BERT, BERTConfig
     from lmkit.models.gpt import GPT, GPTConfig
+    from lmkit.models.t5 import T5, T5Config
 
-    return [Component("gpt", GPT, GPTConfig, "GPT-2 decoder: learned positions, pre-LN, tied embeddings",
-                      meta={"kind": GPT.kind})]
+    return [
+        Component("gpt", GPT, GPTConfig, "GPT-2 decoder: learned positions, pre-LN, tied embeddings", meta={"kind": GPT.kind}),
+        Component("bert", BERT, BERTConfig, "BERT encoder: segment embeddings, post-LN, [CLS] pooler", meta={"kind": BERT.kind}),
+        Component("albert", ALBERT, ALBERTConfig, "ALBERT encoder: factorized embeddings, cross-layer sharing", meta={"kind": ALBERT.kind}),
+        Component("t5", T5, T5Config, "T5 encoder-decoder: RMSNorm, relative position buckets", meta={"kind": T5.kind}),
+        Component("bart", BART, BARTConfig, "BART encoder-decoder: learned positions, post-LN", meta={"kind": BART.kind}),
+    ]
 
 
 @hookimpl

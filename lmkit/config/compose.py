@@ -64,8 +64,15 @@ def _suggest(value: str, choices: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def check_overrides(args: ParsedArgs, config_dirs: list[str]) -> ParsedArgs:
-    """Validate group choices; fill ``args.group_choices``. Raises ConfigError with a fix."""
+def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=()) -> ParsedArgs:
+    """Validate group choices; fill ``args.group_choices``. Raises ConfigError with a fix.
+
+    ``model.<extension>.key=value`` for a registered model extension is rewritten to a
+    force-add (``++``), since architectures' own configs do not carry extension blocks.
+    """
+    args.overrides = [
+        f"++{o}" if any(o.startswith(f"model.{e}.") for e in model_extensions) else o for o in args.overrides
+    ]
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(args.overrides)

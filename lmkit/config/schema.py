@@ -52,9 +52,9 @@ class TokenizerConfig:
 class TrainerConfig:
     """How long and how the loop runs."""
 
-    max_steps: int = 600
+    max_steps: int = 1000
     max_time: str | None = None  # "DD:HH:MM:SS"
-    val_check_interval: int = 200
+    val_check_interval: int = 250
     val_batches: int = 16
     validate_at_start: bool = True
     log_every_n_steps: int = 10
@@ -63,7 +63,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    checkpoint_every_n_steps: int = 200
+    checkpoint_every_n_steps: int = 250
     keep_last_k: int = 2
     progress_bar: bool = True
     max_nonfinite_steps: int = 10

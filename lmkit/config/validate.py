@@ -40,6 +40,7 @@ class RunConfig:
     callbacks: list[Component]
     seed: int
     resume: str | None
+    model_extensions: dict = dataclasses.field(default_factory=dict)
 
 
 def typed_section(section_name: str, node, schema: type | None):
@@ -68,8 +69,19 @@ def typed_section(section_name: str, node, schema: type | None):
         raise ConfigError(f"invalid '{section_name}' config: {e}") from None
 
 
-def _component_section(cfg: DictConfig, pm, section: str, kind: str, default: str | None = None):
-    node = cfg.get(section)
+def _split_model_extensions(model_node, pm):
+    """Take the ``model.<extension>`` blocks out of the model section and validate them."""
+    extensions = {}
+    for ext in pm.registries["model_extension"]:
+        sub = model_node.get(ext.name) if model_node is not None else None
+        extensions[ext.name] = typed_section(f"model.{ext.name}", sub or {}, ext.config_cls)
+    if model_node is not None and any(e in model_node for e in extensions):
+        model_node = OmegaConf.masked_copy(model_node, [k for k in model_node.keys() if k not in extensions])
+    return model_node, extensions
+
+
+def _component_section(cfg: DictConfig, pm, section: str, kind: str, default: str | None = None, node=None):
+    node = cfg.get(section) if node is None else node
     if node is None:
         if default is None:
             raise ConfigError(f"the config has no '{section}' section")
@@ -92,7 +104,7 @@ def check_compatible(objective_component: Component, model_component: Component,
     fix = f" Drop model= to get its default (model={default})" if default else ""
     raise ConfigError(
         f"objective '{objective_component.name}' needs a {' or '.join(kinds)} architecture, but model "
-        f"'{model_choice or model_component.name}' is a {kind} ({model_component.name}).{fix}, or choose an "
+        f"'{model_choice or model_component.name}' is of kind {kind} ({model_component.name}).{fix}, or choose an "
         f"architecture of a fitting kind: {', '.join(working) or 'none installed'}."
     )
 
@@ -105,7 +117,8 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown top-level config key '{key}'.{hint}")
     objective, objective_c = _component_section(cfg, pm, "objective", "objective", DEFAULT_OBJECTIVE)
-    model, model_c = _component_section(cfg, pm, "model", "architecture")
+    model_node, extensions = _split_model_extensions(cfg.get("model"), pm)
+    model, model_c = _component_section(cfg, pm, "model", "architecture", node=model_node)
     check_compatible(objective_c, model_c, model_choice, pm)
     optimizer, optimizer_c = _component_section(cfg, pm, "optimizer", "optimizer")
     scheduler, scheduler_c = _component_section(cfg, pm, "scheduler", "scheduler")
@@ -127,4 +140,4 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return RunConfig(cfg, model, model_c, objective, objective_c, optimizer, optimizer_c, scheduler, scheduler_c,
                      strategy, strategy_c, tokenizer, tokenizer_c, data, dataset_c, trainer, logger, callbacks,
-                     seed, cfg.get("resume"))
+                     seed, cfg.get("resume"), extensions)

@@ -105,9 +105,16 @@ class LMDataModule(L.LightningDataModule):
         self.prepare()
 
     def _world(self) -> tuple[int, int]:
+        """(rank, size) among the data-parallel replicas: tensor-parallel peers read the same data."""
         trainer = self.trainer
         if trainer is None:
             return 0, 1
+        try:  # ModelParallelStrategy: the data-parallel dimension of its device mesh
+            kwargs = trainer.strategy.distributed_sampler_kwargs
+        except (AttributeError, RuntimeError):
+            kwargs = None
+        if kwargs:
+            return int(kwargs["rank"]), int(kwargs["num_replicas"])
         return trainer.global_rank, trainer.world_size
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:

@@ -53,6 +53,21 @@ def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: sums[name] / counts[name] for name in sums}
 
 
+def collect_metrics(model: nn.Module) -> dict[str, float | torch.Tensor]:
+    """Metrics that sub-modules expose via ``lmkit_metrics()``, keyed ``<module path>/<metric>``.
+
+    Logged by the training loop every step (e.g. an MoE layer's expert load and dropped
+    fraction). Values are floats or 0-dim tensors describing the latest forward.
+    """
+    metrics = {}
+    for name, module in model.named_modules():
+        fn = getattr(module, "lmkit_metrics", None)
+        if fn is not None:
+            for key, value in fn().items():
+                metrics[f"{name or 'model'}/{key}"] = value
+    return metrics
+
+
 def no_weight_decay(model: nn.Module) -> set[str]:
     """Names of parameters that decoupled weight decay must skip: biases, norms, embeddings."""
     skip: set[str] = set()

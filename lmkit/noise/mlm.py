@@ -86,9 +86,9 @@ def mlm_mask(
     to_mask = selected & (u < mask_token_frac)
     to_random = selected & (u >= mask_token_frac) & (u < mask_token_frac + random_token_frac)
     random_ids = random_regular(vocab, (B, L), gen, device)
-    input_ids = torch.where(to_mask, torch.full_like(tokens, vocab.mask_id), tokens)
+    input_ids = torch.where(to_mask, vocab.mask_id, tokens)
     input_ids = torch.where(to_random, random_ids, input_ids)
-    labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    labels = torch.where(selected, tokens, IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels, "padding_mask": tokens != vocab.pad_id}
 
 
@@ -122,12 +122,12 @@ def _select_words(candidates, n_cand, word_starts, mask_prob, mode, cap, gen) ->
     n_words = starts.sum(1)
     W = max(int(n_words.max()), 1)
     word_len = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    word_len.scatter_add_(1, torch.where(candidates, widx, torch.full_like(widx, W)), candidates.long())
+    word_len.scatter_add_(1, torch.where(candidates, widx, W), candidates.long())
     word_len = word_len[:, :W]
     valid = torch.arange(W, device=device)[None, :] < n_words[:, None]
 
     # a random order of each row's words; invalid slots sort last
-    keys = torch.where(valid, uniform((B, W), gen, device), torch.full((B, W), float("inf"), dtype=torch.float64, device=device))
+    keys = torch.where(valid, uniform((B, W), gen, device), float("inf"))
     order = keys.argsort(dim=1)
     lens = word_len.gather(1, order)
     ok = valid.gather(1, order)

@@ -141,7 +141,7 @@ def span_corruption(
     inputs, in_len = spans_to_sentinels(tokens, noise, real, vocab)
     targets, tgt_len = spans_to_sentinels(tokens, real & ~noise, real, vocab)
     tgt_real = torch.arange(targets.shape[1], device=tokens.device)[None, :] < tgt_len[:, None]
-    labels = torch.where(tgt_real, targets, torch.full_like(targets, IGNORE_INDEX))
+    labels = torch.where(tgt_real, targets, IGNORE_INDEX)
     padding_mask = torch.arange(inputs.shape[1], device=tokens.device)[None, :] < in_len[:, None]
     return {"input_ids": inputs, "padding_mask": padding_mask, "labels": labels}
 
@@ -238,14 +238,14 @@ def _segment_lengths(num_items: torch.Tensor, num_segments: torch.Tensor, gen) -
     B = num_items.shape[0]
     N = max(int(num_items.max()) - 1, 1)
     gaps = torch.arange(N, device=device)[None, :] < (num_items - 1)[:, None]
-    keys = torch.where(gaps, uniform((B, N), gen, device), torch.full((B, N), float("inf"), dtype=torch.float64, device=device))
+    keys = torch.where(gaps, uniform((B, N), gen, device), float("inf"))
     cut_after = smallest_k(keys, num_segments - 1)  # a new segment starts after gap j
     seg_of_item = torch.zeros((B, N + 1), dtype=torch.long, device=device)
     seg_of_item[:, 1:] = cut_after.long().cumsum(1)
     S = int(num_segments.max())
     items = torch.arange(N + 1, device=device)[None, :] < num_items[:, None]
     out = torch.zeros((B, S + 1), dtype=torch.long, device=device)
-    out.scatter_add_(1, torch.where(items, seg_of_item, torch.full_like(seg_of_item, S)), items.long())
+    out.scatter_add_(1, torch.where(items, seg_of_item, S), items.long())
     return out[:, :S]
 
 

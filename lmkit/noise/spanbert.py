@@ -15,7 +15,9 @@ the token budget is reached, and the last one taken is shortened to the fewest w
 that reach it. So spans never touch or merge (the reference lets them merge), every span
 is whole words (the reference may cut its last span mid-word), and the masked count is the
 budget, or a few tokens over when the last word is several tokens long. A span that would
-cross a special token is split there (special tokens are never masked).
+cross a special token is split there (special tokens are never masked). In a short row whose
+long words leave no room for spans one word apart, single words are added at random until
+the budget is met (they may touch other spans).
 """
 from __future__ import annotations
 
@@ -63,8 +65,10 @@ def spanbert_mask(
         whose span has no boundary token (it touches the row's edge or padding); such tokens
         still count for MLM but not for SBO, as in SpanBERT.
         With ``return_stats``: ``span_words`` int64 [B, K] (sampled lengths, in words, of the
-        spans taken, in the order taken; -1 past the last), ``span_words_used`` (after the
-        last one is shortened) and ``budget`` int64 [B].
+        spans taken, in the order taken; -1 past the last; in rows too short for all the
+        candidates, the last candidate placed is shortened to the room left),
+        ``span_words_used`` (after the last span taken is cut to the budget) and ``budget``
+        int64 [B].
     """
     check_tokens(tokens, vocab)
     check_gen(gen)
@@ -88,12 +92,12 @@ def spanbert_mask(
 
     # tokens per word and their exclusive prefix sums (wcum[b, w] = tokens before word w)
     word_len = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    word_len.scatter_add_(1, torch.where(eligible, widx, torch.full_like(widx, W)), eligible.long())
+    word_len.scatter_add_(1, torch.where(eligible, widx, W), eligible.long())
     word_len[:, W] = 0
     wcum = torch.zeros((B, W + 1), dtype=torch.long, device=device)
     wcum[:, 1:] = word_len[:, :W].cumsum(1)
-    wcum = torch.where(torch.arange(W + 1, device=device)[None, :] <= n_words[:, None], wcum,
-                       torch.full_like(wcum, 1 << 40))  # past the last word: beyond any target
+    past_end = torch.arange(W + 1, device=device)[None, :] > n_words[:, None]
+    wcum = wcum.masked_fill(past_end, 1 << 40)  # past the last word: beyond any target
 
     # candidate spans: lengths i.i.d. from the truncated geometric
     pmf = span_length_pmf(geometric_p, max_span_words)
@@ -105,10 +109,18 @@ def spanbert_mask(
     cdf[-1] = 1.0
     lens = torch.searchsorted(cdf, uniform((B, K), gen, device), right=True) + 1
     lens = lens.clamp(max=max_span_words)
-    # keep the candidates that fit in the row with one free word between neighbours
-    fit = ((lens + 1).cumsum(1) - 1 <= n_words[:, None]) & (torch.arange(K, device=device)[None, :] < k_row[:, None])
-    n_cand = fit.sum(1)  # fit is a prefix
-    lens = torch.where(fit, lens, torch.zeros_like(lens))
+    # keep the candidates that fit in the row with one free word between neighbours; the first
+    # one that does not fit is shortened to the room left (this only happens in short rows)
+    ar_K = torch.arange(K, device=device)[None, :]
+    room = n_words[:, None] - ((lens + 1).cumsum(1) - (lens + 1))
+    fit = (lens <= room) & (ar_K < k_row[:, None])
+    fit = fit.long().cumprod(1).bool()  # a prefix
+    n_fit = fit.sum(1)
+    squeeze = (ar_K == n_fit[:, None]) & (ar_K < k_row[:, None]) & (room >= 1)
+    lens = torch.where(squeeze, room, lens)
+    fit = fit | squeeze
+    n_cand = fit.sum(1)
+    lens = torch.where(fit, lens, 0)
     free = n_words - (lens.sum(1) + (n_cand - 1).clamp(min=0))
 
     # stars and bars: choose n_cand of the (free + n_cand) slots; gaps = unchosen slots
@@ -121,7 +133,7 @@ def spanbert_mask(
     span_start = torch.where(fit, slots + excl, torch.zeros_like(slots))  # first word of each candidate
 
     # take candidates in random order until the token budget is met; shorten the last
-    keysK = torch.where(fit, uniform((B, K), gen, device), torch.full((B, K), float("inf"), dtype=torch.float64, device=device))
+    keysK = torch.where(fit, uniform((B, K), gen, device), float("inf"))
     order = keysK.argsort(dim=1)
     o_len = lens.gather(1, order)
     o_start = span_start.gather(1, order)
@@ -139,20 +151,32 @@ def spanbert_mask(
     # words covered, with the (taken-order) index of their span
     cover = torch.zeros((B, W + 1), dtype=torch.long, device=device)
     span_tag = torch.arange(1, K + 1, device=device).expand(B, K)
-    cover.scatter_add_(1, torch.where(taken, o_start, torch.full_like(o_start, W)), torch.where(taken, span_tag, 0))
-    cover.scatter_add_(1, torch.where(taken, o_start + used, torch.full_like(o_start, W)).clamp(max=W),
+    cover.scatter_add_(1, torch.where(taken, o_start, W), torch.where(taken, span_tag, 0))
+    cover.scatter_add_(1, torch.where(taken, o_start + used, W).clamp(max=W),
                        torch.where(taken, -span_tag, 0))
     word_span = cover[:, :W].cumsum(1) - 1  # -1 where not covered
-    tok_span = torch.where(eligible, word_span.gather(1, widx.clamp(min=0)), torch.full_like(widx, -1))
+    n_spans = K
+    # rows whose words are too long for spans kept one word apart: add single words at random
+    shortfall = budget - (word_len[:, :W] * (word_span >= 0)).sum(1)
+    if bool((shortfall > 0).any()):
+        free_word = (torch.arange(W, device=device)[None, :] < n_words[:, None]) & (word_span < 0)
+        order = torch.where(free_word, uniform((B, W), gen, device), float("inf")).argsort(dim=1)
+        o_free = free_word.gather(1, order)
+        f_len = word_len.gather(1, order) * o_free
+        add = o_free & ((f_len.cumsum(1) - f_len) < shortfall[:, None])
+        new_id = K + torch.arange(W, device=device).expand(B, W)
+        word_span.scatter_(1, order, torch.where(add, new_id, word_span.gather(1, order)))
+        n_spans = K + W
+    tok_span = torch.where(eligible, word_span.gather(1, widx.clamp(min=0)), -1)
     masked = tok_span >= 0
 
     # 80/10/10 once per span
-    u = uniform((B, K), gen, device).gather(1, tok_span.clamp(min=0))
+    u = uniform((B, n_spans), gen, device).gather(1, tok_span.clamp(min=0))
     to_mask = masked & (u < mask_token_frac)
     to_random = masked & (u >= mask_token_frac) & (u < mask_token_frac + random_token_frac)
-    input_ids = torch.where(to_mask, torch.full_like(tokens, vocab.mask_id), tokens)
+    input_ids = torch.where(to_mask, vocab.mask_id, tokens)
     input_ids = torch.where(to_random, random_regular(vocab, (B, L), gen, device), input_ids)
-    labels = torch.where(masked, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    labels = torch.where(masked, tokens, IGNORE_INDEX)
 
     # SBO indices from the runs of masked tokens
     prev = torch.zeros_like(masked)
@@ -160,7 +184,7 @@ def spanbert_mask(
     nxt = torch.zeros_like(masked)
     nxt[:, :-1] = masked[:, 1:]
     run_start = torch.where(masked & ~prev, ar_L, torch.zeros_like(ar_L)).cummax(1).values
-    run_end = torch.where(masked & ~nxt, ar_L, torch.full_like(ar_L, L)).flip(1).cummin(1).values.flip(1)
+    run_end = torch.where(masked & ~nxt, ar_L, L).flip(1).cummin(1).values.flip(1)
     left, right = run_start - 1, run_end + 1
     real = tokens != vocab.pad_id
     ok = masked & (left >= 0) & (right < L)
@@ -175,8 +199,8 @@ def spanbert_mask(
         "span_pos": torch.where(ok, ar_L - run_start, neg),
     }
     if return_stats:
-        out["span_words"] = torch.where(taken, o_len, torch.full_like(o_len, -1))
-        out["span_words_used"] = torch.where(taken, used, torch.full_like(used, -1))
+        out["span_words"] = torch.where(taken, o_len, -1)
+        out["span_words_used"] = torch.where(taken, used, -1)
         out["budget"] = budget
     return out
 

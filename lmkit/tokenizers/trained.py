@@ -117,7 +117,9 @@ class TrainedTokenizer(Tokenizer):
         self.hf.save(str(path))
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        # the id mapping, not the serialized JSON (its float formatting is not stable across save/load)
+        vocab = sorted(self.hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(f"{self.kind}:{vocab}".encode()).hexdigest()[:16]
 
 
 def load_or_train(kind: str, texts: Callable[[], Iterable[str]], corpus_fingerprint: str, cache_dir: Path,

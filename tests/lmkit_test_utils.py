@@ -1,0 +1,28 @@
+"""Constants and helpers shared by the core tests."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A 1-layer GPT on 32-token windows: a few steps take well under a second.
+TINY = [
+    "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.max_seq_len=64",
+    "data.seq_len=32", "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
+    "trainer.val_batches=2", "trainer.checkpoint_every_n_steps=2", "trainer.progress_bar=false",
+    "logger=none", "scheduler.warmup_steps=1", "callbacks=[]",
+]
+
+
+def write_fake_plugin(root: Path, dist: str, module: str, source: str, version: str = "0.1.0") -> Path:
+    """Make ``root`` look like site-packages holding distribution ``dist`` with an ``lmkit`` entry point."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[lmkit]\n{module} = {module}\n")
+    return root
+
+
