@@ -20,11 +20,34 @@ def lmkit_config_dirs():
 
 @hookimpl
 def lmkit_register_objectives():
+    from lmkit.objectives.bart import BARTDenoising, BARTDenoisingConfig
     from lmkit.objectives.causal_lm import CausalLM, CausalLMConfig
+    from lmkit.objectives.mlm import MLM, MLMConfig
+    from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig, PrefixLMSeq2SeqConfig
+    from lmkit.objectives.sentence_pair import NSPConfig, SentencePair, SOPConfig
+    from lmkit.objectives.span_bert import SpanBERT, SpanBERTConfig
+    from lmkit.objectives.span_corruption import SpanCorruption, SpanCorruptionConfig
+    from lmkit.objectives.ul2 import UL2, UL2Config
+
+    def objective(name, factory, config_cls, description, default_model, kinds=None):
+        return Component(name, factory, config_cls, description,
+                         meta={"kinds": tuple(kinds or factory.kinds), "default_model": default_model})
 
     return [
-        Component("causal_lm", CausalLM, CausalLMConfig, "next-token prediction (GPT)",
-                  meta={"kinds": CausalLM.kinds, "default_model": "gpt_tiny"}),
+        objective("causal_lm", CausalLM, CausalLMConfig, "next-token prediction (GPT)", "gpt_tiny"),
+        objective("mlm", MLM, MLMConfig, "masked LM (BERT; RoBERTa / Bernoulli modes, whole-word option)", "bert_tiny"),
+        objective("nsp", SentencePair, NSPConfig, "masked LM + next-sentence prediction (BERT)", "bert_tiny"),
+        objective("sop", SentencePair, SOPConfig, "masked LM + sentence-order prediction (ALBERT)", "albert_tiny"),
+        objective("span_bert", SpanBERT, SpanBERTConfig, "span masking + span boundary objective (SpanBERT)", "bert_tiny"),
+        objective("span_corruption", SpanCorruption, SpanCorruptionConfig, "span corruption with sentinels (T5)",
+                  "t5_tiny"),
+        objective("bart_denoising", BARTDenoising, BARTDenoisingConfig,
+                  "text infilling + sentence permutation denoising (BART)", "bart_tiny"),
+        objective("prefix_lm", PrefixLM, PrefixLMConfig, "prefix LM, decoder-only or encoder-decoder (T5, UniLM)",
+                  "gpt_tiny"),
+        objective("prefix_lm_seq2seq", PrefixLM, PrefixLMSeq2SeqConfig, "prefix LM, encoder-decoder form (T5)",
+                  "t5_tiny", kinds=("encoder_decoder",)),
+        objective("ul2", UL2, UL2Config, "mixture of denoisers R/X/S with mode tokens (UL2)", "t5_tiny"),
     ]
 
 

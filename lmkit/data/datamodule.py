@@ -121,6 +121,9 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_sampler=batch_sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            # its own generator: creating an iterator must not draw from the global RNG, which
+            # dropout uses and checkpoints restore
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_sampler(self) -> StepBatchSampler:
