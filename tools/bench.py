@@ -1,0 +1,251 @@
+"""lmkit's side-by-side benchmark suite: every number is a ratio measured in one run.
+
+    python tools/bench.py [--quick] [--out bench.json] [--only overhead,models,data,optim,gpu]
+
+1. overhead: lmkit's full training loop vs a plain PyTorch loop (tools/bench_overhead.py).
+2. models:   training-step tokens/s of lmkit's GPT, BERT, T5 vs HF transformers' GPT2LMHeadModel,
+             BertForMaskedLM, T5ForConditionalGeneration built from configs of identical sizes
+             (needs the `bench` extra: pip install -e ".[bench]"; nothing is downloaded).
+3. data:     tokenization + packing tokens/s, and each noise function vs per-example references
+             (tools/bench_noise.py) and HF's DataCollatorForLanguageModeling.
+4. optim:    optimizer state bytes of AdamW vs Adafactor vs SGD for the default and GPT-2 124M shapes.
+5. gpu:      GPT-2 124M, seq 1024, bf16, torch.compile, flash SDPA: tokens/s and MFU (CUDA only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def _timeit(step, warmup=3, min_time=3.0, max_iters=200):
+    for _ in range(warmup):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while n < max_iters and (time.perf_counter() - t0 < min_time or n < 3):
+        step()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def _train_step(model_fn, params):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = model_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_models(quick: bool) -> list[dict]:
+    try:
+        import transformers as tf
+    except ImportError:
+        return [{"skipped": "transformers is not installed (pip install -e '.[bench]')"}]
+    from lmkit.models.bert import BERT, BERTConfig
+    from lmkit.models.gpt import GPT, GPTConfig
+    from lmkit.models.t5 import T5, T5Config
+
+    V, L, D, H, B, T = 512, 4, 256, 4, 16, 128
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (B, T))
+    labels = ids.clone()
+    mlm_labels = torch.where(torch.rand(B, T) < 0.15, ids, torch.full_like(ids, -100))
+    dec_ids = torch.randint(0, V, (B, T // 4))
+    ce = torch.nn.functional.cross_entropy
+    min_time = 1.5 if quick else 4.0
+    rows = []
+
+    gpt = GPT(GPTConfig(n_layer=L, n_head=H, d_model=D, vocab_size=V, max_seq_len=T))
+    hf_gpt = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_positions=T, n_embd=D, n_layer=L, n_head=H,
+                                              resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    cases = [("GPT", gpt,
+              lambda: ce(gpt.logits(gpt(ids[:, :-1])).flatten(0, 1), labels[:, 1:].flatten()),
+              hf_gpt, lambda: hf_gpt(input_ids=ids, labels=labels).loss, B * T)]
+
+    bert = BERT(BERTConfig(n_layer=L, n_head=H, d_model=D, vocab_size=V, max_seq_len=T))
+    hf_bert = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
+                                               intermediate_size=4 * D, max_position_embeddings=T,
+                                               hidden_dropout_prob=0, attention_probs_dropout_prob=0))
+
+    def lmkit_mlm():  # logits only where predicted, as an MLM objective computes them
+        h = bert(ids)
+        sel = mlm_labels != -100
+        return ce(bert.logits(h[sel]), mlm_labels[sel])
+
+    cases.append(("BERT", bert, lmkit_mlm, hf_bert, lambda: hf_bert(input_ids=ids, labels=mlm_labels).loss, B * T))
+
+    t5 = T5(T5Config(n_layer=L, n_head=H, d_model=D, vocab_size=V, max_seq_len=T))
+    hf_t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=D, d_kv=D // H, d_ff=4 * D, num_layers=L,
+                                                      num_heads=H, dropout_rate=0, decoder_start_token_id=0))
+    cases.append(("T5", t5,
+                  lambda: ce(t5.logits(t5(ids, decoder_input_ids=dec_ids)).flatten(0, 1), dec_ids.flatten()),
+                  hf_t5, lambda: hf_t5(input_ids=ids, decoder_input_ids=dec_ids, labels=dec_ids).loss,
+                  B * (T + T // 4)))
+    for name, ours, our_loss, theirs, their_loss, tokens in cases:
+        t_ours = _timeit(_train_step(our_loss, ours.parameters()), min_time=min_time)
+        t_hf = _timeit(_train_step(their_loss, theirs.parameters()), min_time=min_time)
+        rows.append({"model": name, "lmkit_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf,
+                     "ratio": t_hf / t_ours, "params_lmkit": sum(p.numel() for p in ours.parameters()),
+                     "params_hf": sum(p.numel() for p in theirs.parameters())})
+    return rows
+
+
+def bench_data(quick: bool) -> dict:
+    from lmkit.data.cache import build_token_array
+    from lmkit.data.sources import BuiltinSource
+    from lmkit.tokenizers.byte import ByteTokenizer
+
+    src = BuiltinSource("tinyshakespeare")
+    tok = ByteTokenizer()
+    t0 = time.perf_counter()
+    arr = build_token_array(src, tok)
+    t_byte = time.perf_counter() - t0
+    out = {"tokenize_pack_byte_tokens_per_s": len(arr) / t_byte}
+    import bench_noise
+
+    out["noise"] = bench_noise.run(128 if quick else 256, 512, 0.3 if quick else 0.5)
+    try:
+        from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        from lmkit.noise import NoiseVocab, mlm_mask
+
+        hf_tok = Tokenizer(models.WordLevel({**{chr(i + 33): i for i in range(200)}, "[MASK]": 200, "[PAD]": 201, "[UNK]": 202}, unk_token="[UNK]"))
+        hf_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = PreTrainedTokenizerFast(tokenizer_object=hf_tok, mask_token="[MASK]", pad_token="[PAD]", unk_token="[UNK]")
+        collator = DataCollatorForLanguageModeling(fast, mlm_probability=0.15, return_tensors="pt")
+        B, L = 256, 512
+        rows = torch.randint(0, 200, (B, L))
+        examples = [{"input_ids": r} for r in rows]
+        vocab = NoiseVocab.from_tokenizer(ByteTokenizer())
+        byte_rows = torch.randint(0, 256, (B, L))
+        gen = torch.Generator().manual_seed(0)
+        t_hf = _timeit(lambda: collator(examples), warmup=1, min_time=1.0)
+        t_ours = _timeit(lambda: mlm_mask(byte_rows, gen, vocab, mode="bernoulli"), warmup=1, min_time=1.0)
+        out["mlm_vs_hf_collator"] = {"lmkit_seq_per_s": B / t_ours, "hf_seq_per_s": B / t_hf, "ratio": t_hf / t_ours}
+    except ImportError:
+        out["mlm_vs_hf_collator"] = {"skipped": "transformers is not installed"}
+    return out
+
+
+def bench_optim() -> list[dict]:
+    from lmkit.models.gpt import GPT, GPTConfig
+    from lmkit.optim.optimizers import OptimizerConfig, build_adafactor, build_adamw, build_sgd
+
+    rows = []
+    for shape, cfg in [("gpt_tiny (byte vocab)", GPTConfig(vocab_size=266)),
+                       ("gpt2_124m", GPTConfig(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50257))]:
+        model = GPT(cfg)
+        params = [p for p in model.parameters()]
+        two_d = {id(p) for p in params if p.dim() == 2}
+        row = {"shape": shape, "params": sum(p.numel() for p in params)}
+        for name, build in [("adamw", build_adamw), ("adafactor", build_adafactor), ("sgd", build_sgd)]:
+            opt = build([{"params": params}], OptimizerConfig(name=name, lr=1e-3))
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            total = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+            two_d_bytes = sum(t.numel() * t.element_size() for p, s in opt.state.items() if id(p) in two_d
+                              for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+            row[f"{name}_state_bytes"] = total
+            row[f"{name}_2d_state_bytes"] = two_d_bytes
+        row["adafactor_over_adamw_2d"] = row["adafactor_2d_state_bytes"] / row["adamw_2d_state_bytes"]
+        rows.append(row)
+        del model, params
+    return rows
+
+
+def bench_gpu(quick: bool) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from lmkit.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50304)
+    model = GPT(cfg).cuda()
+    model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    B, T = 16, 1024
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            h = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(model.logits(h).flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    n = 10 if quick else 30
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / n
+    n_params = sum(p.numel() for p in model.parameters()) - cfg.max_seq_len * cfg.d_model
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * T
+    tps = B * T / dt
+    peak = 989e12
+    return {"device": torch.cuda.get_device_name(), "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+            "peak_flops_assumed": peak}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="overhead,models,data,optim,gpu")
+    ap.add_argument("--out", default="bench.json")
+    args = ap.parse_args()
+    parts = args.only.split(",")
+    result = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if "overhead" in parts:
+        import bench_overhead
+
+        steps = 30 if args.quick else 60
+        plain = bench_overhead.plain_loop([], steps, 8)
+        fw = bench_overhead.lmkit_loop([], steps, 8)
+        result["overhead"] = {"plain_tokens_per_s": plain, "lmkit_tokens_per_s": fw, "overhead_pct": 100 * (1 - fw / plain)}
+        print(f"[overhead] plain {plain:,.0f} tok/s, lmkit {fw:,.0f} tok/s: overhead {100 * (1 - fw / plain):.1f}% (target <= 5%)")
+    if "models" in parts:
+        result["models"] = bench_models(args.quick)
+        for r in result["models"]:
+            if "skipped" in r:
+                print(f"[models] skipped: {r['skipped']}")
+            else:
+                print(f"[models] {r['model']:<5} lmkit {r['lmkit_tokens_per_s']:>9,.0f} tok/s  HF {r['hf_tokens_per_s']:>9,.0f} tok/s  ratio {r['ratio']:.2f}x (target >= 1.3x)")
+    if "data" in parts:
+        result["data"] = bench_data(args.quick)
+        d = result["data"]
+        print(f"[data] tokenize+pack (byte): {d['tokenize_pack_byte_tokens_per_s']:,.0f} tokens/s")
+        for r in d["noise"]:
+            print(f"[data] {r.get('name', r)}: {r}")
+        print(f"[data] mlm vs HF DataCollatorForLanguageModeling: {d['mlm_vs_hf_collator']}")
+    if "optim" in parts:
+        result["optim"] = bench_optim()
+        for r in result["optim"]:
+            print(f"[optim] {r['shape']}: AdamW {r['adamw_state_bytes'] / 2**20:.1f} MiB, Adafactor {r['adafactor_state_bytes'] / 2**20:.2f} MiB, "
+                  f"SGD {r['sgd_state_bytes'] / 2**20:.1f} MiB; Adafactor/AdamW on 2-D weights {100 * r['adafactor_over_adamw_2d']:.2f}%")
+    if "gpu" in parts:
+        result["gpu"] = bench_gpu(args.quick)
+        print(f"[gpu] {result['gpu']}")
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
