@@ -20,7 +20,8 @@ def check_open_unit(key: str, value, hint: str = "") -> None:
 
 def check_unit(key: str, value, below_one: bool = False) -> None:
     hi_ok = (lambda v: v < 1.0) if below_one else (lambda v: v <= 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) and hi_ok(float(value))):
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or not (0.0 <= float(value) and hi_ok(float(value))):
         bound = "[0, 1)" if below_one else "[0, 1]"
         raise ConfigError(f"objective.{key} must be in {bound}, got {value!r}")
 

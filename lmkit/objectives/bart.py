@@ -47,7 +47,8 @@ class BARTDenoisingConfig:
     def __post_init__(self):
         check_unit("mask_ratio", self.mask_ratio, below_one=True)
         if isinstance(self.poisson_lambda, bool) or not self.poisson_lambda > 0:
-            raise ConfigError(f"objective.poisson_lambda must be > 0 (mean span length in words, e.g. 3.0), got {self.poisson_lambda!r}")
+            raise ConfigError("objective.poisson_lambda must be > 0 (mean span length in words, e.g. 3.0), "
+                              f"got {self.poisson_lambda!r}")
         check_unit("random_ratio", self.random_ratio)
         check_unit("permute_sentence_ratio", self.permute_sentence_ratio)
         check_unit("delete_ratio", self.delete_ratio, below_one=True)

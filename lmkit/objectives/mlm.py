@@ -78,6 +78,14 @@ class MLM(Objective):
     def make_collator(self) -> Collator:
         return MLMCollator(self.cfg, self.vocab, self.tokenizer)
 
+    def attach(self, model) -> None:
+        # The [CLS] pooler (BERT/ALBERT) gets no gradient from a token-level loss: freeze it, so
+        # that DDP (find_unused_parameters=false) and the optimizer leave it alone. Or build the
+        # model with model.pooler=false.
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):
+            pooler.requires_grad_(False)
+
     def encode(self, model, batch) -> torch.Tensor:
         return model(batch["input_ids"], padding_mask=mask_or_none(batch.get("padding_mask")),
                      token_type_ids=batch.get("token_type_ids"))

@@ -21,7 +21,9 @@ import torch
 
 from lmkit.errors import ConfigError
 from lmkit.noise import prefix_lm, prefix_lm_seq2seq
-from lmkit.objectives._common import add_decoder_inputs, check_special_name, mask_or_none, noise_vocab, seq2seq_loss, too_short
+from lmkit.objectives._common import (
+    add_decoder_inputs, check_special_name, mask_or_none, noise_vocab, seq2seq_loss, too_short,
+)
 from lmkit.objectives.base import Collator, LossOutput, Objective
 
 FORMS = ("auto", "decoder", "encoder_decoder")
@@ -74,7 +76,8 @@ class PrefixLM(Objective):
         kind = getattr(model, "kind", None)
         if self.cfg.form == "auto":
             if kind not in ("decoder", "encoder_decoder"):
-                raise ConfigError(f"objective '{self.cfg.name}' needs a decoder or encoder_decoder model, got kind {kind}")
+                raise ConfigError(f"objective '{self.cfg.name}' needs a decoder or encoder_decoder model, "
+                                  f"got kind {kind}")
             self.form = kind
         elif kind != self.form:
             raise ConfigError(

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from lmkit.errors import ConfigError
-from lmkit.objectives._common import check_mlm_fields, check_unit, noise_vocab, require_method, too_short
-from lmkit.objectives.base import Collator, LossOutput, Objective
+from lmkit.objectives._common import check_mlm_fields, check_unit, require_method, too_short
+from lmkit.objectives.base import Collator, LossOutput
 from lmkit.objectives.mlm import MLM, apply_mlm, masked_lm_nll
 
 TASKS = ("nsp", "sop")
@@ -113,9 +113,7 @@ class SentencePair(MLM):
     kinds = ("encoder",)
 
     def __init__(self, cfg, tokenizer):
-        Objective.__init__(self, cfg, tokenizer)
-        self.vocab = noise_vocab(tokenizer)
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         self.pair_head: nn.Module | None = None
 
     def block_layout(self, seq_len: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from lmkit.errors import ConfigError
 from lmkit.noise import spanbert_mask
-from lmkit.objectives._common import check_fracs, check_open_unit, noise_vocab, too_short
+from lmkit.objectives._common import check_fracs, check_open_unit, frame, too_short
 from lmkit.objectives.base import Collator, LossOutput
 from lmkit.objectives.mlm import MLM, masked_lm_nll
 
@@ -49,7 +49,8 @@ class SpanBERTConfig:
         check_open_unit("mask_prob", self.mask_prob, " (the share of tokens to mask, e.g. 0.15)")
         check_open_unit("geometric_p", self.geometric_p, " (span lengths ~ Geometric(p), e.g. 0.2)")
         if self.max_span_words < 1:
-            raise ConfigError(f"objective.max_span_words must be >= 1 (span length < 1 is no span), got {self.max_span_words}")
+            raise ConfigError(f"objective.max_span_words must be >= 1 (span length < 1 is no span), "
+                              f"got {self.max_span_words}")
         check_fracs(self.mask_token_frac, self.random_token_frac)
         if self.sbo_weight < 0:
             raise ConfigError(f"objective.sbo_weight must be >= 0, got {self.sbo_weight}")
@@ -62,8 +63,6 @@ class SpanBERTCollator(Collator):
         self.cfg, self.vocab, self.tokenizer = cfg, vocab, tokenizer
 
     def __call__(self, blocks: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        from lmkit.objectives._common import frame
-
         cfg = self.cfg
         tokens = frame(blocks, self.vocab.cls_id, self.vocab.sep_id)
         out = spanbert_mask(tokens, gen, self.vocab, self.tokenizer.word_starts(tokens), mask_prob=cfg.mask_prob,
@@ -113,6 +112,7 @@ class SpanBERT(MLM):
         return SpanBERTCollator(self.cfg, self.vocab, self.tokenizer)
 
     def attach(self, model) -> None:
+        super().attach(model)  # freezes the unused [CLS] pooler
         if self.sbo is None:
             width = model.output_embedding().shape[1]
             self.sbo = SBOHead(model.d_model, width, self.cfg.sbo_max_positions)

@@ -78,7 +78,8 @@ def check_sentinel_room(objective: str, tokenizer, needed: int) -> None:
 def raw_length(cfg: SpanCorruptionConfig, seq_len: int) -> int:
     """Raw chunk length whose corrupted inputs are exactly ``seq_len`` (at most, for tiny lengths)."""
     if seq_len < 2:
-        raise ConfigError(f"data.seq_len={seq_len} is too short for span corruption: it needs at least 2. Raise data.seq_len.")
+        raise ConfigError(f"data.seq_len={seq_len} is too short for objective '{cfg.name}': it needs at least 2. "
+                          "Raise data.seq_len.")
     length, _ = random_spans_helper(seq_len, cfg.noise_density, cfg.mean_noise_span_length)
     # T5's helper ignores the clamp n_noise >= 1, n_spans >= 1; for tiny lengths step down until it fits
     while length > 2 and corrupted_lengths(length, cfg.noise_density, cfg.mean_noise_span_length)[0] > seq_len:

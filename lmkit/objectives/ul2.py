@@ -19,7 +19,9 @@ import torch
 
 from lmkit.errors import ConfigError
 from lmkit.noise import Denoiser, ul2_denoise
-from lmkit.objectives._common import add_decoder_inputs, check_open_unit, check_span_length, check_special_name, noise_vocab, seq2seq_loss
+from lmkit.objectives._common import (
+    add_decoder_inputs, check_open_unit, check_span_length, check_special_name, noise_vocab, seq2seq_loss,
+)
 from lmkit.objectives.base import Collator, LossOutput, Objective
 from lmkit.objectives.span_corruption import check_corruptible, check_sentinel_room, corrupted_lengths, span_counts
 
@@ -113,8 +115,8 @@ class UL2(Objective):
         self.tokenizer = tokenizer
         self.vocab = noise_vocab(tokenizer)
         self.start_id = tokenizer.special_id(cfg.decoder_start_token)
-        missing = [n for n, v in (("[NLU]", self.vocab.nlu_id), ("[NLG]", self.vocab.nlg_id), ("[S2S]", self.vocab.s2s_id))
-                   if v is None]
+        modes = (("[NLU]", self.vocab.nlu_id), ("[NLG]", self.vocab.nlg_id), ("[S2S]", self.vocab.s2s_id))
+        missing = [n for n, v in modes if v is None]
         if missing:
             raise ConfigError(f"objective 'ul2' needs the mode tokens {', '.join(missing)}, which the tokenizer lacks")
 
