@@ -1,12 +1,13 @@
 """lmkit plugin entry point of the ``lmkit-moe`` distribution (entry-point group ``lmkit``).
 
-Placeholder for the hook implementations (config group, model post-build hook, metrics
-logging) that the core wires up. What it provides now:
-
-* :class:`MoEConfig`: the ``model.moe.*`` settings (``num_experts=0`` = off).
+* :class:`MoEConfig`: the ``model.moe.*`` settings (``num_experts=0`` = off), registered as
+  the model extension ``moe`` (valid on every architecture).
 * :func:`apply_moe`: swaps the ``.mlp`` of every ``every``-th block of
   ``model.transformer_blocks()`` for a :class:`~lmkit_moe.layer.MoELayer` sized from the
-  dense MLP, and installs the hooks that hand the model call's padding mask to the layers.
+  dense MLP, and installs the hooks that hand the model call's padding mask to the layers;
+  run by the ``lmkit_configure_model`` hook.
+* ``strategy=expert_parallel`` (:mod:`lmkit_moe.strategy`, config in ``lmkit_moe/conf``) and
+  the ``moe_balance`` callback (:mod:`lmkit_moe.balance`).
 """
 from __future__ import annotations
 
@@ -144,6 +145,9 @@ def lmkit_register_model_extensions():
 def lmkit_configure_model(model, run):
     """Swap dense MLPs for MoE layers when ``model.moe.num_experts`` > 0."""
     cfg = run.model_extensions.get("moe")
+    from lmkit_moe.strategy import check_run
+
+    check_run(cfg, run)  # strategy=expert_parallel without experts / with indivisible experts
     if cfg is not None and cfg.num_experts > 0:
         apply_moe(model, cfg)
 
@@ -161,3 +165,11 @@ def lmkit_config_dirs():
     from pathlib import Path
 
     return [str(Path(__file__).parent / "conf")]
+
+
+@lmkit.hookimpl
+def lmkit_register_callbacks():
+    from lmkit_moe.balance import build_moe_balance
+
+    return [lmkit.Component("moe_balance", build_moe_balance,
+                            description="end-of-training max/min expert load ratio per MoE layer")]
