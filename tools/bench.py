@@ -169,40 +169,57 @@ def bench_optim() -> list[dict]:
 
 
 def bench_gpu(quick: bool) -> dict:
+    """GPT-2 124M, seq 1024, bf16 autocast, flash SDPA, fused AdamW; eager vs torch.compile."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
+    import torch.nn.functional as F
+
     from lmkit.models.gpt import GPT, GPTConfig
 
+    torch.backends.cuda.matmul.allow_tf32 = True
     cfg = GPTConfig(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50304)
-    model = GPT(cfg).cuda()
-    model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    B, T = 16, 1024
-    x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+    import os
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            h = model(x[:, :-1])
-            loss = torch.nn.functional.cross_entropy(model.logits(h).flatten(0, 1).float(), x[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    n = 10 if quick else 30
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / n
-    n_params = sum(p.numel() for p in model.parameters()) - cfg.max_seq_len * cfg.d_model
+    B, T = int(os.environ.get("LMKIT_BENCH_GPU_BATCH", 16)), 1024
+    modes = os.environ.get("LMKIT_BENCH_GPU_MODES", "eager,compile").split(",")
+    n_params = sum(p.numel() for p in GPT(cfg).parameters()) - cfg.max_seq_len * cfg.d_model
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * T
-    tps = B * T / dt
-    peak = 989e12
-    return {"device": torch.cuda.get_device_name(), "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
-            "peak_flops_assumed": peak}
+    peak = 989e12  # H100/H200 SXM dense bf16
+    out = {"device": torch.cuda.get_device_name(), "batch": B, "seq": T, "params_non_pos": n_params,
+           "flops_per_token": flops_per_token, "peak_flops_assumed": peak}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = GPT(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+
+        def loss_fn(inp, tgt):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model.logits(model(inp))
+            return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
+
+        fn = torch.compile(loss_fn) if mode == "compile" else loss_fn
+
+        def step():
+            loss = fn(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        n = 10 if quick else 30
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / n
+        tps = B * T / dt
+        out[mode] = {"tokens_per_s": tps, "step_ms": 1000 * dt, "mfu": tps * flops_per_token / peak}
+        del model, opt
+        torch.cuda.empty_cache()
+    return out
 
 
 def main():
