@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _remove_if_nothing_saved(run_dir: Path) -> None:
-    """A run refused before its first checkpoint leaves no directory behind."""
-    if not run_dir.exists() or any((run_dir / "checkpoints").glob("*.ckpt")):
+    """A run refused before its first checkpoint leaves no directory behind.
+
+    Only a directory holding nothing but Hydra's own files (``.hydra/``, ``*.log``) is
+    removed, so a user's existing directory given as ``hydra.run.dir`` is never deleted.
+    """
+    if not run_dir.exists() or any(p.name not in (".hydra",) and p.suffix != ".log" for p in run_dir.iterdir()):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     cwd = Path.cwd().resolve()
@@ -95,6 +99,9 @@ def _run_hydra(config_dirs: list[str], args) -> int:
             run = resolve_run(cfg, get_plugin_manager(), model_choice=choice)
             print(f"lmkit: run directory {run_dir}", flush=True)
             summary = train(run, get_plugin_manager(), run_dir)
+            if summary["preempted"]:
+                state["rc"] = _report_preemption(summary["preempted"], run_dir, args.overrides)
+                raise SystemExit(state["rc"])
             print(format_summary(summary), flush=True)
             return summary["end"]["val/loss"] if summary["end"] else None
         except LmkitError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 
 import lightning as L
 import numpy as np
@@ -89,6 +90,9 @@ class LMModule(L.LightningModule):
         for i, mb in enumerate(micro_batches):
             out: LossOutput = self.objective.loss(self.model, mb)
             loss = out.loss_sum / norm
+            if out.logs and hasattr(self, "_aux_logs"):  # the objective's own metrics (e.g. NSP accuracy)
+                for name, value in out.logs.items():
+                    self._aux_logs[name] = self._aux_logs.get(name, 0) + value.detach() / len(micro_batches)
             for name, value in collect_aux_losses(self.model).items():
                 loss = loss + value * (out.n_targets / local_targets.clamp(min=1))
                 self._aux_logs[name] = self._aux_logs.get(name, 0) + value.detach() / len(micro_batches)
@@ -105,7 +109,7 @@ class LMModule(L.LightningModule):
         self._aux_logs: dict[str, torch.Tensor] = {}
         loss_sum, local_targets = self.forward_backward(micro_batches)
         step_loss = loss_sum / local_targets.clamp(min=1)
-        if not torch.isfinite(step_loss):
+        if self._nonfinite_on_any_rank(step_loss):
             return self._skip_nonfinite(opt, step_loss)
         if self.gradient_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
@@ -129,10 +133,26 @@ class LMModule(L.LightningModule):
             return wrapped.no_sync()
         return contextlib.nullcontext()
 
+    @staticmethod
+    def _nonfinite_on_any_rank(step_loss: torch.Tensor) -> bool:
+        """One decision for all ranks: their gradients were averaged, so a NaN on one rank is a NaN on all."""
+        bad = (~torch.isfinite(step_loss.detach())).float().reshape(1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
+
     def _skip_nonfinite(self, opt, step_loss):
+        """Skip the optimizer step of a NaN/inf loss (the batch is consumed: ``data_steps`` moved on)."""
         opt.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        self.log("train/loss", step_loss, prog_bar=True)  # its own (non-finite) loss, not the last step's
+        within_budget = self.nonfinite_steps <= self.max_nonfinite_steps
+        if within_budget and self._trainer is not None and self.trainer.is_global_zero:
+            value = float(step_loss) if not torch.isfinite(step_loss) else "on another rank"
+            print(f"lmkit: warning: non-finite loss ({value}) at step {self.global_step} (batch "
+                  f"{self.data_steps - 1}); optimizer step skipped ({self.nonfinite_steps} of "
+                  f"trainer.max_nonfinite_steps={self.max_nonfinite_steps})", file=sys.stderr, flush=True)
         if self.nonfinite_steps > self.max_nonfinite_steps:
             from lmkit.errors import LmkitError
 
@@ -149,6 +169,9 @@ class LMModule(L.LightningModule):
             out = self.plan_evaluate(self, mb) if self.plan_evaluate else self.objective.loss(self.model, mb)
             self.val_loss.update(out.loss_sum.float())
             self.val_targets.update(out.n_targets.float())
+            for name, value in out.logs.items():  # the objective's own metrics, averaged over batches
+                self.log(f"val/{name}", value.float(), on_step=False, on_epoch=True,
+                         batch_size=int(mb["input_ids"].shape[0]))
             if out.nll_sum is not None:
                 self.val_nll.update(out.nll_sum.float())
                 self.val_bytes.update(out.n_bytes.float())

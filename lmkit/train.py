@@ -4,18 +4,22 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-from lmkit.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO, resolve_resume
+from lmkit.checkpoint import (CHECKPOINT_DIR, AtomicCheckpointIO, check_checkpoint_fits, resolve_auto_resume,
+                              resolve_resume)
 from lmkit.config.validate import RunConfig
 from lmkit.data.cache import default_cache_dir
 from lmkit.data.datamodule import LMDataModule
 from lmkit.errors import CheckpointError, ConfigError
 from lmkit.module import LMModule
+from lmkit.preemption import Preemption
 from lmkit.tokenizers.trained import load_tokenizer_file
 
 
@@ -63,7 +67,9 @@ def _loggers(run: RunConfig, run_dir: Path):
     if cfg.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(str(run_dir), name="", version="logs")
+        _keep_previous_csv(run_dir / "logs" / "metrics.csv")
+        # written at every logging step (not every 100): a killed run keeps its log up to the kill
+        return CSVLogger(str(run_dir), name="", version="logs", flush_logs_every_n_steps=1)
     if cfg.name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -78,6 +84,17 @@ def _loggers(run: RunConfig, run_dir: Path):
                        config=OmegaConf.to_container(run.raw, resolve=True))
 
 
+def _keep_previous_csv(path: Path) -> None:
+    """A run resumed in its own directory (``resume=auto``): keep the earlier attempts' log
+    as ``metrics.1.csv``, ``metrics.2.csv``, ... (Lightning's CSVLogger would delete it)."""
+    if not path.exists() or os.environ.get("RANK", "0") != "0":
+        return
+    n = 1
+    while path.with_name(f"metrics.{n}.csv").exists():
+        n += 1
+    os.replace(path, path.with_name(f"metrics.{n}.csv"))
+
+
 def _wandb_logged_in() -> bool:
     netrc = Path.home() / ".netrc"
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
@@ -88,10 +105,14 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     L.seed_everything(run.seed, workers=True, verbose=False)
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else default_cache_dir()
     ckpt_path, notes = (None, [])
-    if run.resume:
+    if run.resume == "auto":  # same command for the first start and every restart (fixed hydra.run.dir)
+        ckpt_path, notes = resolve_auto_resume(run_dir)
+    elif run.resume:
         ckpt_path, notes = resolve_resume(str(run.resume))
-        for n in notes:
-            print(f"lmkit: {n}")
+    for n in notes:
+        print(f"lmkit: {n}")
+    if ckpt_path is not None:
+        print(f"lmkit: resuming from {ckpt_path}", flush=True)
     source = run.dataset_component.factory(run.data)
     tokenizer = build_tokenizer(run, source, cache_dir)
     if ckpt_path is not None:
@@ -115,6 +136,8 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
         parallelize=(lambda m: plan.parallelize(m, run)) if plan.parallelize else None,
         plan_forward_backward=plan.forward_backward, plan_evaluate=plan.evaluate,
     )
+    if ckpt_path is not None:
+        check_checkpoint_fits(module, ckpt_path)
     datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
                               run.trainer.val_batches, data_steps=lambda: module.data_steps)
     datamodule.prepare()
@@ -131,9 +154,9 @@ def build_trainer(run: RunConfig, run_dir: Path, plan) -> L.Trainer:
                         every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last_k, monitor="global_step",
                         mode="max", save_last=True),
     ]
-    callbacks += [c.factory(run.raw) for c in run.callbacks]
+    callbacks += [Preemption()] + [c.factory(run.raw) for c in run.callbacks]
     plugins = [AtomicCheckpointIO()] if getattr(plan, "atomic_checkpoints", True) else []
-    return L.Trainer(
+    trainer = L.Trainer(
         max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, precision=t.precision,
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=plan.strategy,
@@ -142,6 +165,19 @@ def build_trainer(run: RunConfig, run_dir: Path, plan) -> L.Trainer:
         plugins=plugins, enable_model_summary=False,
         inference_mode=False,  # metric states are reset inside validation; inference tensors could not be updated later
     )
+    set_dist_timeout(trainer.strategy, t.dist_timeout_s)
+    return trainer
+
+
+def set_dist_timeout(strategy, seconds: float) -> None:
+    """``trainer.dist_timeout_s`` as the process-group timeout of any Lightning strategy that has one.
+
+    A rank that dies or hangs then makes the others' next collective fail after this long
+    instead of torch's default 30 minutes. Set after the Trainer resolved its strategy (so
+    ``strategy=auto`` and plugin strategies get it too) and before ``fit`` creates the group.
+    """
+    if hasattr(strategy, "_timeout"):
+        strategy._timeout = timedelta(seconds=seconds)
 
 
 def save_run_files(run: RunConfig, built: BuiltRun, run_dir: Path) -> None:
@@ -156,20 +192,29 @@ def save_run_files(run: RunConfig, built: BuiltRun, run_dir: Path) -> None:
 
 
 def train(run: RunConfig, pm, run_dir: Path) -> dict:
-    """Train; return a summary with the validation metrics at the start and the end."""
+    """Train; return a summary with the validation metrics at the start and the end.
+
+    A run stopped by SIGTERM/SIGUSR1 returns early with ``summary["preempted"]`` =
+    ``{"signal", "step", "checkpoint"}`` (see :mod:`lmkit.preemption`); otherwise it is None.
+    """
     built = build_run(run, pm, run_dir)
     save_run_files(run, built, run_dir)
     trainer, module, dm = built.trainer, built.module, built.datamodule
-    start = None
-    if built.ckpt_path is None and run.trainer.validate_at_start and run.data.val_fraction > 0:
-        trainer.validate(module, datamodule=dm, verbose=False)
-        start = module.history[-1] if module.history else None
-    trainer.fit(module, datamodule=dm, ckpt_path=str(built.ckpt_path) if built.ckpt_path else None)
-    if run.data.val_fraction > 0 and (not module.history or module.history[-1]["step"] != trainer.global_step):
-        trainer.validate(module, datamodule=dm, verbose=False)
-    end = module.history[-1] if module.history else None
+    start = end = preempted = None
+    try:
+        if built.ckpt_path is None and run.trainer.validate_at_start and run.data.val_fraction > 0:
+            trainer.validate(module, datamodule=dm, verbose=False)
+            start = module.history[-1] if module.history else None
+        trainer.fit(module, datamodule=dm, ckpt_path=str(built.ckpt_path) if built.ckpt_path else None)
+        if run.data.val_fraction > 0 and (not module.history or module.history[-1]["step"] != trainer.global_step):
+            trainer.validate(module, datamodule=dm, verbose=False)
+        end = module.history[-1] if module.history else None
+    except SIGTERMException:  # the Preemption callback saved the step just finished
+        callback = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+        preempted = callback.info or {"signal": callback.signal_name or "SIGTERM", "step": trainer.global_step,
+                                      "checkpoint": None}
     n_params = sum(p.numel() for p in module.model.parameters())
-    return {"start": start, "end": end, "steps": trainer.global_step, "params": n_params,
+    return {"start": start, "end": end, "steps": trainer.global_step, "params": n_params, "preempted": preempted,
             "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR)}
 
 

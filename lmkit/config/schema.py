@@ -66,7 +66,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 250
     keep_last_k: int = 2
     progress_bar: bool = True
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = 10  # steps with a NaN/inf loss skipped before the run is stopped
+    dist_timeout_s: float = 1800.0  # process-group timeout: how long ranks wait for a dead or hung peer
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -77,6 +78,11 @@ class TrainerConfig:
             raise ConfigError(f"trainer.gradient_clip must be >= 0 (0 = off), got {self.gradient_clip}")
         if self.val_check_interval < 1 or self.checkpoint_every_n_steps < 1:
             raise ConfigError("trainer.val_check_interval and trainer.checkpoint_every_n_steps must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"trainer.max_nonfinite_steps must be >= 0 (0 = stop at the first NaN/inf loss), "
+                              f"got {self.max_nonfinite_steps}")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"trainer.dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
 
 
 @dataclass
