@@ -14,6 +14,7 @@ from pathlib import Path
 from lmkit.errors import LmkitError
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 3
 
 
 def _fail(message: str) -> int:
@@ -59,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     except LmkitError as e:
         return _fail(str(e))
     return _run_hydra(config_dirs, args)
+
+
+def _report_preemption(info: dict, run_dir: Path, overrides: list[str]) -> int:
+    """One line on stderr: which signal stopped the run, where its checkpoint is, how to resume."""
+    kept = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra.searchpath"))]
+    command = " ".join(["python -m lmkit", *kept, f"resume={run_dir.resolve()}"])
+    print(f"lmkit: stopped by {info.get('signal', 'SIGTERM')} at step {info.get('step')}; checkpoint saved: "
+          f"{info.get('checkpoint')}. Resume with: {command}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
 
 
 def _remove_if_nothing_saved(run_dir: Path) -> None:
