@@ -24,7 +24,9 @@ class MoEConfig:
     """Mixture-of-experts settings (``model.moe.*``). Invalid values raise MoEConfigError (a ValueError).
 
     ``every``: blocks ``every-1, 2·every-1, …`` (0-based) get an MoE FFN, e.g. ``every=2``
-    makes every other block sparse starting with the second (Switch Transformer).
+    makes every other block sparse starting with the second (Switch Transformer's layout, and
+    the default: with ``every=1`` on the byte-level default run the first block's router tends
+    to collapse onto byte identity and starve an expert; ``every=2`` stays balanced).
     ``dispatch``: ``auto`` (``torch._grouped_mm`` on CUDA when it is present and passes a
     correctness probe for the dtype; padded batched ``bmm`` otherwise, including on CPU
     where the grouped kernel is correct but slower), or force ``grouped_mm`` / ``bmm``.
@@ -33,7 +35,7 @@ class MoEConfig:
     """
 
     num_experts: int = 0
-    every: int = 1
+    every: int = 2
     top_k: int = 1
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
