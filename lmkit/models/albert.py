@@ -29,7 +29,7 @@ from torch import nn
 
 from lmkit.models.bert import MLMHead
 from lmkit.models.init import initialize
-from lmkit.models.layers import Pooler, PostLNBlock, build_attention_bias, require_vocab_size
+from lmkit.models.layers import Pooler, PostLNBlock, build_attention_bias, require_vocab_size, sum_embeddings
 
 ALBERT_SHARE_MODES = ("all", "attention", "ffn", "none")
 
@@ -105,15 +105,7 @@ class ALBERT(nn.Module):
 
     def embed(self, input_ids, token_type_ids=None):
         """Embeddings projected to the hidden size: [B, T, D]."""
-        T = input_ids.shape[1]
-        if T > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.max_seq_len}")
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)
-        if self.wtte is not None:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
-            x = x + self.wtte(token_type_ids)
+        x = sum_embeddings(input_ids, self.wte, self.wpe, self.wtte, token_type_ids, self.max_seq_len)
         return self.embedding_hidden_mapping_in(self.drop(self.ln_emb(x)))
 
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,

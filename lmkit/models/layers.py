@@ -255,3 +255,17 @@ def require_vocab_size(cfg) -> int:
     if cfg.vocab_size is None:
         raise ValueError(f"{type(cfg).__name__}.vocab_size is None; set it (normally from the tokenizer) first")
     return int(cfg.vocab_size)
+
+
+def sum_embeddings(input_ids, wte, wpe, wtte=None, token_type_ids=None, max_seq_len=None):
+    """Token + learned position (+ segment, when ``wtte`` is given) embeddings: [B, T, E].
+
+    Raises a ValueError when the sequence is longer than the learned positions.
+    """
+    T = input_ids.shape[1]
+    if max_seq_len is not None and T > max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={max_seq_len}")
+    x = wte(input_ids) + wpe(torch.arange(T, device=input_ids.device))
+    if wtte is not None:
+        x = x + wtte(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+    return x
