@@ -103,7 +103,7 @@ def check_compatible(objective_component: Component, model_component: Component,
     default = objective_component.meta.get("default_model")
     fix = f" Drop model= to get its default (model={default})" if default else ""
     raise ConfigError(
-        f"objective '{objective_component.name}' needs a {' or '.join(kinds)} architecture, but model "
+        f"objective '{objective_component.name}' needs {'an' if kinds[0][0] in 'aeiou' else 'a'} {' or '.join(kinds)} architecture, but model "
         f"'{model_choice or model_component.name}' is of kind {kind} ({model_component.name}).{fix}, or choose an "
         f"architecture of a fitting kind: {', '.join(working) or 'none installed'}."
     )
