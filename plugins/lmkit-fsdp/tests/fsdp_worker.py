@@ -13,6 +13,7 @@ import json
 import sys
 
 import torch
+import torch.distributed as dist
 
 
 def main(spec_path: str) -> None:
@@ -82,3 +83,6 @@ def _full_state(built) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if dist.is_initialized():  # tear gloo down before interpreter exit (a race there can abort a rank)
+        dist.barrier()
+        dist.destroy_process_group()
