@@ -29,7 +29,8 @@ from torch import nn
 
 from lmkit.models.bert import MLMHead
 from lmkit.models.init import initialize
-from lmkit.models.layers import Pooler, PostLNBlock, build_attention_bias, require_vocab_size, sum_embeddings
+from lmkit.models.layers import (Pooler, PostLNBlock, build_attention_bias, document_attention_mask,
+                                 document_positions, require_vocab_size, sum_embeddings)
 
 ALBERT_SHARE_MODES = ("all", "attention", "ffn", "none")
 
@@ -103,15 +104,19 @@ class ALBERT(nn.Module):
         self.pooler = Pooler(D) if cfg.pooler else None
         initialize(self, cfg.init, cfg.init_std, cfg.n_layer, residual_names=())
 
-    def embed(self, input_ids, token_type_ids=None):
+    def embed(self, input_ids, token_type_ids=None, position_ids=None):
         """Embeddings projected to the hidden size: [B, T, D]."""
-        x = sum_embeddings(input_ids, self.wte, self.wpe, self.wtte, token_type_ids, self.max_seq_len)
+        x = sum_embeddings(input_ids, self.wte, self.wpe, self.wtte, token_type_ids, self.max_seq_len, position_ids)
         return self.embedding_hidden_mapping_in(self.drop(self.ln_emb(x)))
 
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
-                decoder_input_ids=None, decoder_padding_mask=None):
+                decoder_input_ids=None, decoder_padding_mask=None, document_ids=None):
         T = input_ids.shape[1]
-        x = self.embed(input_ids, token_type_ids)
+        position_ids = None
+        if document_ids is not None:  # attention inside each packed document, positions restart
+            attn_mask = document_attention_mask(document_ids, False, attn_mask)
+            position_ids = document_positions(document_ids)
+        x = self.embed(input_ids, token_type_ids, position_ids)
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, False, T, T, input_ids.device)
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=is_causal)

@@ -14,6 +14,10 @@ Contract (plugin authors build against it):
   ``padding_mask`` is bool [B, T], True for real tokens. ``attn_mask`` is an optional
   bool [B, T, T] (True = may attend) that replaces the architecture's default
   (causal for decoders, bidirectional for encoders); prefix LM and UniLM masks use it.
+  Decoders and encoders may also accept ``document_ids`` (int [B, T], the number of the
+  packed document each token belongs to): attention then stays inside each document and
+  positions restart at each document's first token. Objectives pass it only when their
+  ``document_mask`` option is on.
 * ``output_embedding() -> Tensor[V, d_model]``: the weight that maps hidden states to
   vocabulary logits (tied to the input embedding where the architecture ties).
 * ``logits(hidden) -> Tensor[..., V]``: the architecture's own LM head.

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lmkit.models.init import initialize
-from lmkit.models.layers import MLP, SelfAttention, build_attention_bias
+from lmkit.models.layers import (MLP, SelfAttention, build_attention_bias, document_attention_mask,
+                                 document_positions, sum_embeddings)
 
 
 @dataclass
@@ -45,7 +46,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer (GPT-2). Causal by default; ``attn_mask`` allows prefix LM."""
+    """Decoder-only transformer (GPT-2). Causal by default; ``attn_mask`` allows prefix LM.
+
+    ``document_ids`` [B, T] (optional) keeps attention inside each packed document and
+    restarts the learned positions at every document.
+    """
 
     kind = "decoder"
 
@@ -62,12 +67,14 @@ class GPT(nn.Module):
         initialize(self, cfg.init, cfg.init_std, cfg.n_layer)
 
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
-                decoder_input_ids=None, decoder_padding_mask=None):
-        B, T = input_ids.shape
-        if T > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.max_seq_len}")
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+                decoder_input_ids=None, decoder_padding_mask=None, document_ids=None):
+        T = input_ids.shape[1]
+        position_ids = None
+        if document_ids is not None:
+            attn_mask = document_attention_mask(document_ids, True, attn_mask)
+            position_ids = document_positions(document_ids)
+        x = self.drop(sum_embeddings(input_ids, self.wte, self.wpe, max_seq_len=self.max_seq_len,
+                                     position_ids=position_ids))
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, True, T, T, input_ids.device)
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=is_causal)

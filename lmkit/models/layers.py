@@ -37,6 +37,40 @@ def build_attention_bias(
     return mask, False
 
 
+def document_attention_mask(document_ids: torch.Tensor, causal: bool,
+                            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, T, T] mask (True = may attend) that keeps attention inside each document.
+
+    ``document_ids`` [B, T] numbers the documents packed into each row (non-decreasing).
+    The result is combined with ``attn_mask`` when one is given (it then replaces
+    causality, as in :func:`build_attention_bias`); otherwise it is made causal when
+    ``causal`` is set.
+    """
+    mask = document_ids[:, :, None] == document_ids[:, None, :]
+    if attn_mask is not None:
+        return mask & attn_mask.bool()
+    return mask.tril() if causal else mask
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] that restart at 0 at the first token of every document."""
+    T = document_ids.shape[1]
+    idx = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+def document_ids_from_separators(tokens: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """Number the documents of packed rows [B, T]: a separator (EOS) ends its document.
+
+    The separator itself belongs to the document it ends, so the first token after it
+    starts the next one.
+    """
+    is_sep = tokens == separator_id
+    return (is_sep.cumsum(dim=1) - is_sep.long()).to(torch.int32)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``."""
 
@@ -53,14 +87,7 @@ class SelfAttention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if position_bias is not None:
-            bias = position_bias.to(q.dtype)
-            if mask is not None:
-                bias = bias.masked_fill(~mask, float("-inf"))
-            elif is_causal:
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                bias = bias.masked_fill(~causal, float("-inf"))
-            mask, is_causal = bias, False
+        mask, is_causal = fold_position_bias(position_bias, mask, is_causal, T, T, q.dtype, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -257,15 +284,17 @@ def require_vocab_size(cfg) -> int:
     return int(cfg.vocab_size)
 
 
-def sum_embeddings(input_ids, wte, wpe, wtte=None, token_type_ids=None, max_seq_len=None):
+def sum_embeddings(input_ids, wte, wpe, wtte=None, token_type_ids=None, max_seq_len=None, position_ids=None):
     """Token + learned position (+ segment, when ``wtte`` is given) embeddings: [B, T, E].
 
-    Raises a ValueError when the sequence is longer than the learned positions.
+    ``position_ids`` [B, T] default to 0..T-1 (see :func:`document_positions`). Raises a
+    ValueError when the sequence is longer than the learned positions.
     """
     T = input_ids.shape[1]
     if max_seq_len is not None and T > max_seq_len:
         raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={max_seq_len}")
-    x = wte(input_ids) + wpe(torch.arange(T, device=input_ids.device))
+    pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
+    x = wte(input_ids) + wpe(pos)
     if wtte is not None:
         x = x + wtte(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
     return x

@@ -90,6 +90,16 @@ class Objective(nn.Module):
         return LossOutput(loss_sum=nll_sum, n_targets=valid.sum(), nll_sum=nll_sum, n_bytes=n_bytes)
 
 
+def document_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"document_ids": ...}`` when the collator made them (``document_mask=true``), else ``{}``.
+
+    Passed to the model only when present, so architectures without document masking keep
+    working with every objective that leaves the option off.
+    """
+    ids = batch.get("document_ids")
+    return {} if ids is None else {"document_ids": ids}
+
+
 def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
     """Σ NLL (nats) / (bytes · ln 2), as in lm-evaluation-harness."""
     return nll_sum / (max(n_bytes, 1) * math.log(2))

@@ -5,17 +5,36 @@ from dataclasses import dataclass
 
 import torch
 
-from lmkit.objectives.base import Collator, LossOutput, Objective
+from lmkit.models.layers import document_ids_from_separators
+from lmkit.objectives.base import Collator, LossOutput, Objective, document_kwargs
 
 
 @dataclass
 class CausalLMConfig:
+    """Options of ``causal_lm``.
+
+    ``document_mask``: tokens attend only to earlier tokens of their own document (documents
+    are separated by EOS in the packed stream; the EOS belongs to the document it ends) and
+    learned positions restart at each document, as if every document were its own sequence.
+    The EOS position still predicts the next document's first token. Off by default (GPT-2
+    and GPT-3 attend across document boundaries).
+    """
+
     name: str = "causal_lm"
+    document_mask: bool = False
 
 
 class CausalLMCollator(Collator):
+    """``input_ids``/``labels`` shifted by one; ``document_ids`` too when ``eos_id`` is given."""
+
+    def __init__(self, eos_id: int | None = None):
+        self.eos_id = eos_id
+
     def __call__(self, blocks: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]}
+        out = {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]}
+        if self.eos_id is not None:
+            out["document_ids"] = document_ids_from_separators(out["input_ids"], self.eos_id)
+        return out
 
 
 class CausalLM(Objective):
@@ -30,9 +49,13 @@ class CausalLM(Objective):
     def block_layout(self, seq_len: int) -> tuple[int, int]:
         return seq_len + 1, seq_len
 
+    def __init__(self, cfg: CausalLMConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.eos_id = tokenizer.eos_id
+
     def make_collator(self) -> Collator:
-        return CausalLMCollator()
+        return CausalLMCollator(self.eos_id if self.cfg.document_mask else None)
 
     def loss(self, model, batch) -> LossOutput:
-        hidden = model(batch["input_ids"], padding_mask=batch.get("padding_mask"))
+        hidden = model(batch["input_ids"], padding_mask=batch.get("padding_mask"), **document_kwargs(batch))
         return self.lm_nll(model.logits(hidden), batch["labels"])

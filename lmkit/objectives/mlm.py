@@ -7,7 +7,8 @@ import torch
 
 from lmkit.noise import mlm_mask
 from lmkit.objectives._common import check_mlm_fields, frame, mask_or_none, noise_vocab, too_short
-from lmkit.objectives.base import IGNORE_INDEX, Collator, LossOutput, Objective
+from lmkit.models.layers import document_ids_from_separators
+from lmkit.objectives.base import IGNORE_INDEX, Collator, LossOutput, Objective, document_kwargs
 
 
 @dataclass
@@ -28,6 +29,7 @@ class MLMConfig:
     whole_word: bool = False
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
+    document_mask: bool = False  # attend only within each EOS-separated document; positions restart
 
     def __post_init__(self):
         check_mlm_fields(self)
@@ -51,6 +53,10 @@ class MLMCollator(Collator):
         tokens = frame(blocks, self.vocab.cls_id, self.vocab.sep_id)
         out = apply_mlm(tokens, gen, self.cfg, self.vocab, self.tokenizer)
         out["token_type_ids"] = torch.zeros_like(tokens)
+        if self.cfg.document_mask:
+            # [CLS] joins the first document, [SEP] the last
+            docs = document_ids_from_separators(blocks, self.tokenizer.eos_id)
+            out["document_ids"] = torch.cat([docs[:, :1], docs, docs[:, -1:]], dim=1)
         return out
 
 
@@ -88,7 +94,7 @@ class MLM(Objective):
 
     def encode(self, model, batch) -> torch.Tensor:
         return model(batch["input_ids"], padding_mask=mask_or_none(batch.get("padding_mask")),
-                     token_type_ids=batch.get("token_type_ids"))
+                     token_type_ids=batch.get("token_type_ids"), **document_kwargs(batch))
 
     def loss(self, model, batch) -> LossOutput:
         return masked_lm_nll(self, model, self.encode(model, batch), batch["labels"])

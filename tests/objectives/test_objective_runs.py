@@ -87,3 +87,23 @@ def test_short_run_loss_falls(name, tmp_path):
         rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
         for key in METRICS[name]:
             assert any(r.get(f"train/{key}") for r in rows) and any(r.get(f"val/{key}") for r in rows), key
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "mlm"])
+def test_document_masked_run_trains_on_many_documents(name, tmp_path):
+    import json
+
+    from objective_helpers import corpus_bytes
+
+    paragraphs = bytes(corpus_bytes().astype("uint8")).decode().split("\n\n")
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs if p.strip()))
+    summary = run([f"+objective={name}", "objective.document_mask=true", "data=jsonl", f"data.path={corpus}", *RUN],
+                  tmp_path / "run")
+    start, end = summary["start"]["val/loss"], summary["end"]["val/loss"]
+    assert summary["steps"] == 25 and end == end and end < start, (start, end)
+
+
+def test_document_mask_is_refused_by_objectives_without_it():
+    with pytest.raises(ConfigError, match="document_mask"):
+        load_run_config(["+objective=span_corruption", "objective.document_mask=true"])
