@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -56,8 +57,25 @@ def build_model(run: RunConfig, tokenizer, pm):
     model = run.model_component.factory(model_cfg)
     pm.configure_model(model=model, run=run)
     if getattr(model_cfg, "compile", False):
-        model.compile()
+        compile_model(model, run.trainer.compile_backend, run.trainer.compile_mode)
     return model
+
+
+def compile_model(model, backend: str, mode: str) -> None:
+    """``torch.compile`` the model's forward in place (parameter names and checkpoints unchanged).
+
+    Objective heads and losses stay eager: their shapes depend on the noise (e.g. the
+    number of masked tokens), which would recompile the graph every step.
+    """
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        close = difflib.get_close_matches(backend, backends, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend.{hint} "
+                          f"Available: {', '.join(backends)}")
+    model.compile(backend=backend, mode=None if mode == "default" else mode)
 
 
 def _loggers(run: RunConfig, run_dir: Path):

@@ -7,6 +7,7 @@ from typing import Any
 from lmkit.errors import ConfigError
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -68,6 +69,9 @@ class TrainerConfig:
     progress_bar: bool = True
     max_nonfinite_steps: int = 10  # steps with a NaN/inf loss skipped before the run is stopped
     dist_timeout_s: float = 1800.0  # process-group timeout: how long ranks wait for a dead or hung peer
+    # how model.compile=true compiles: torch.compile backend and mode
+    compile_backend: str = "inductor"
+    compile_mode: str = "default"
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -81,6 +85,8 @@ class TrainerConfig:
         if self.max_nonfinite_steps < 0:
             raise ConfigError(f"trainer.max_nonfinite_steps must be >= 0 (0 = stop at the first NaN/inf loss), "
                               f"got {self.max_nonfinite_steps}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}")
         if not self.dist_timeout_s > 0:
             raise ConfigError(f"trainer.dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
 
