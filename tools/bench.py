@@ -9,7 +9,8 @@
 3. data:     tokenization + packing tokens/s, and each noise function vs per-example references
              (tools/bench_noise.py) and HF's DataCollatorForLanguageModeling.
 4. optim:    optimizer state bytes of AdamW vs Adafactor vs SGD for the default and GPT-2 124M shapes.
-5. gpu:      GPT-2 124M, seq 1024, bf16, torch.compile, flash SDPA: tokens/s and MFU (CUDA only).
+5. gpu:      GPT-2 124M, seq 1024, bf16, torch.compile, flash/cuDNN SDPA, chunked LM-head loss: tokens/s
+             and MFU (CUDA only; LMKIT_BENCH_GPU_MODES, LMKIT_BENCH_GPU_BATCH).
 """
 from __future__ import annotations
 
@@ -169,55 +170,83 @@ def bench_optim() -> list[dict]:
 
 
 def bench_gpu(quick: bool) -> dict:
-    """GPT-2 124M, seq 1024, bf16 autocast, flash SDPA, fused AdamW; eager vs torch.compile."""
+    """GPT-2 124M, seq 1024, bf16 autocast, fused AdamW: tokens/s, MFU and peak memory per mode.
+
+    A mode is ``eager`` or ``compile`` plus options joined by ``+``: ``cudnn`` (SDPA's cuDNN
+    attention instead of flash), ``chunked`` (LM head + cross-entropy fused over 4096-token
+    chunks, lmkit's ``objective.chunked_ce``). Modes come from LMKIT_BENCH_GPU_MODES.
+    """
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
+    import os
+
     import torch.nn.functional as F
 
     from lmkit.models.gpt import GPT, GPTConfig
+    from lmkit.objectives.linear_cross_entropy import linear_cross_entropy
 
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = GPTConfig(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50304)
-    import os
-
     B, T = int(os.environ.get("LMKIT_BENCH_GPU_BATCH", 16)), 1024
     modes = os.environ.get("LMKIT_BENCH_GPU_MODES", "eager,compile").split(",")
     n_params = sum(p.numel() for p in GPT(cfg).parameters()) - cfg.max_seq_len * cfg.d_model
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * T
     peak = 989e12  # H100/H200 SXM dense bf16
-    out = {"device": torch.cuda.get_device_name(), "batch": B, "seq": T, "params_non_pos": n_params,
-           "flops_per_token": flops_per_token, "peak_flops_assumed": peak}
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": B, "seq": T,
+           "params_non_pos": n_params, "flops_per_token": flops_per_token, "peak_flops_assumed": peak}
     for mode in modes:
+        base, *opts = mode.split("+")
         torch.manual_seed(0)
         model = GPT(cfg).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         x = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+        if "cudnn" in opts:  # only cuDNN (and math as the fallback) left enabled
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(True)
 
         def loss_fn(inp, tgt):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model.logits(model(inp))
+                hidden = model(inp)
+                if "chunked" in opts:
+                    return linear_cross_entropy(hidden, model.output_embedding(), tgt, 4096) / tgt.numel()
+                logits = model.logits(hidden)
             return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
 
-        fn = torch.compile(loss_fn) if mode == "compile" else loss_fn
+        fn = torch.compile(loss_fn) if base == "compile" else loss_fn
 
         def step():
             loss = fn(x[:, :-1], x[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss
 
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        n = 10 if quick else 30
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / n
-        tps = B * T / dt
-        out[mode] = {"tokens_per_s": tps, "step_ms": 1000 * dt, "mfu": tps * flops_per_token / peak}
+        try:
+            t_compile = time.perf_counter()
+            first = step().item()
+            for _ in range(4):
+                step()
+            torch.cuda.synchronize()
+            t_compile = time.perf_counter() - t_compile
+            torch.cuda.reset_peak_memory_stats()
+            n = 10 if quick else 30
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / n
+            tps = B * T / dt
+            out[mode] = {"tokens_per_s": tps, "step_ms": 1000 * dt, "mfu": tps * flops_per_token / peak,
+                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_loss": first,
+                         "warmup_s": t_compile}
+        except Exception as e:  # a mode the installed torch cannot run is reported, not fatal
+            out[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"[gpu] {mode}: {out[mode]}", flush=True)
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
         del model, opt
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
     return out
 

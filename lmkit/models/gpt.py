@@ -53,6 +53,7 @@ class GPT(nn.Module):
     """
 
     kind = "decoder"
+    logits_are_linear = True  # logits(h) == h @ output_embedding().T: objectives may fuse head and loss
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmkit.errors import ConfigError
 from lmkit.tokenizers.base import Tokenizer
 
 IGNORE_INDEX = -100
@@ -85,8 +86,28 @@ class Objective(nn.Module):
         nll_sum = nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        valid = flat != IGNORE_INDEX
-        n_bytes = self.byte_lengths[flat.clamp(min=0)][valid].sum()
+        return self._lm_output(nll_sum, flat)
+
+    def lm_head_nll(self, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 0) -> LossOutput:
+        """:meth:`lm_nll` of ``model.logits(hidden)``; fused over row chunks when ``chunk_size`` > 0.
+
+        The fused path (:func:`lmkit.objectives.linear_cross_entropy.linear_cross_entropy`)
+        never materializes the whole logits; it needs an architecture whose ``logits`` is
+        ``hidden @ output_embedding().T`` (declared by ``logits_are_linear = True``).
+        """
+        if chunk_size <= 0:
+            return self.lm_nll(model.logits(hidden), labels)
+        if not getattr(model, "logits_are_linear", False):
+            raise ConfigError(f"objective.chunked_ce needs an architecture whose LM head is a plain linear map "
+                              f"(logits_are_linear); {type(model).__name__} has another head. Set objective.chunked_ce=0.")
+        from lmkit.objectives.linear_cross_entropy import linear_cross_entropy
+
+        nll_sum = linear_cross_entropy(hidden, model.output_embedding(), labels, chunk_size)
+        return self._lm_output(nll_sum, labels.reshape(-1))
+
+    def _lm_output(self, nll_sum: torch.Tensor, flat_labels: torch.Tensor) -> LossOutput:
+        valid = flat_labels != IGNORE_INDEX
+        n_bytes = self.byte_lengths[flat_labels.clamp(min=0)][valid].sum()
         return LossOutput(loss_sum=nll_sum, n_targets=valid.sum(), nll_sum=nll_sum, n_bytes=n_bytes)
 
 

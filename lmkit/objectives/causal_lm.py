@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmkit.errors import ConfigError
 from lmkit.models.layers import document_ids_from_separators
 from lmkit.objectives.base import Collator, LossOutput, Objective, document_kwargs
 
@@ -18,10 +19,19 @@ class CausalLMConfig:
     learned positions restart at each document, as if every document were its own sequence.
     The EOS position still predicts the next document's first token. Off by default (GPT-2
     and GPT-3 attend across document boundaries).
+
+    ``chunked_ce``: compute the LM head and the loss ``chunked_ce`` tokens at a time without
+    materializing the [tokens, vocabulary] logits (same values and gradients; far less
+    memory at large vocabularies). 0 = plain path.
     """
 
     name: str = "causal_lm"
     document_mask: bool = False
+    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many tokens (GPT)
+
+    def __post_init__(self):
+        if self.chunked_ce < 0:
+            raise ConfigError(f"objective.chunked_ce must be >= 0 (0 = plain logits), got {self.chunked_ce}")
 
 
 class CausalLMCollator(Collator):
@@ -58,4 +68,4 @@ class CausalLM(Objective):
 
     def loss(self, model, batch) -> LossOutput:
         hidden = model(batch["input_ids"], padding_mask=batch.get("padding_mask"), **document_kwargs(batch))
-        return self.lm_nll(model.logits(hidden), batch["labels"])
+        return self.lm_head_nll(model, hidden, batch["labels"], self.cfg.chunked_ce)
