@@ -24,11 +24,13 @@ words, cover that many whole words (stopping at a protected token) and collapse 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, check_gen, check_mask_like, check_tokens, check_unit, compact, effective_word_starts,
-    random_regular, real_lengths, smallest_k, uniform, word_index,
+    IGNORE_INDEX, blend, check_gen, check_mask_like, check_tokens, check_unit, compact, effective_word_starts,
+    excluded_table, lookup, random_keys, random_regular, random_subset, real_lengths, smallest_k, uniform,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -102,9 +104,8 @@ def bart_noise(
     device = tokens.device
     B, L = tokens.shape
     lengths = real_lengths(tokens, vocab.pad_id)
-    table = vocab.special_table.to(device)
     real = torch.arange(L, device=device)[None, :] < lengths[:, None]
-    protected = table[tokens] | ~real
+    protected = lookup(excluded_table(vocab, device), tokens)  # special tokens and padding
     seq, ws = tokens, word_starts
 
     if permute_sentence_ratio > 0:
@@ -147,27 +148,22 @@ def _permute_sentences(tokens, ws, sentence_ends, protected, ratio, gen):
     prev_end[:, 1:] = sentence_ends[:, :-1]
     sent_first = free & (~prev_free | prev_end)
     seg_first = free & ~prev_free
-    sid = torch.where(free, sent_first.long().cumsum(1) - 1, -1)
-    seg = seg_first.long().cumsum(1) - 1
+    sid = sent_first.cumsum(1).sub_(1).clamp_(min=0)  # sentence of each free token
+    seg = seg_first.cumsum(1).sub_(1)
     n_sent = sent_first.sum(1)
     S = max(int(n_sent.max()), 1)
-    dump = torch.where(free, sid, S)
+    at_first = blend(sent_first, sid, S)  # sentence index at sentence starts, else a dump column
 
-    def per_sentence(values, reduce_sum=False):
-        buf = torch.zeros((B, S + 1), dtype=torch.long, device=device)
-        if reduce_sum:
-            buf.scatter_add_(1, dump, values)
-        else:
-            buf.scatter_(1, torch.where(sent_first, sid, S), values)
-        return buf[:, :S]
+    def per_sentence(values):
+        return torch.zeros((B, S + 1), dtype=torch.long, device=device).scatter_(1, at_first, values)[:, :S]
 
     start = per_sentence(pos.contiguous())
-    length = per_sentence(free.long(), reduce_sum=True)
     sent_seg = per_sentence(seg)
+    length = torch.zeros((B, S), dtype=torch.long, device=device).scatter_add_(1, sid, free.long())
     valid = torch.arange(S, device=device)[None, :] < n_sent[:, None]
     n_perm = torch.ceil(n_sent.double() * ratio).long()
     inf = torch.full((B, S), float("inf"), dtype=torch.float64, device=device)
-    chosen = smallest_k(torch.where(valid, uniform((B, S), gen, device), inf), n_perm)
+    chosen = smallest_k(random_keys((B, S), gen, device, blocked=~valid), n_perm)
     movers = torch.where(chosen, sent_seg.double() + uniform((B, S), gen, device), inf).argsort(dim=1)
     slots = torch.where(chosen, torch.arange(S, device=device, dtype=torch.float64).expand(B, S), inf).argsort(dim=1)
     k_ok = torch.arange(S, device=device)[None, :] < n_perm[:, None]
@@ -178,8 +174,9 @@ def _permute_sentences(tokens, ws, sentence_ends, protected, ratio, gen):
     out_start = start + (new_len.cumsum(1) - new_len) - (length.cumsum(1) - length)
     dest_start = torch.zeros((B, S), dtype=torch.long, device=device)
     dest_start.scatter_(1, ordering, out_start)
-    sid0 = sid.clamp(min=0)
-    dest = torch.where(free, dest_start.gather(1, sid0) + pos - start.gather(1, sid0), pos)
+    moved = (dest_start - start).int().gather(1, sid)  # how far each token's sentence moves
+    moved *= free
+    dest = (moved + pos).long()
     new_tokens = torch.empty_like(tokens).scatter_(1, dest, tokens)
     new_ws = torch.empty_like(ws).scatter_(1, dest, ws)
     return new_tokens, new_ws
@@ -191,11 +188,12 @@ def _poisson_spans(budget: torch.Tensor, lam: float, gen) -> torch.Tensor:
     so the lengths sum to the budget exactly. Returns int64 [B, K], -1 past each row's spans."""
     device = budget.device
     B = budget.shape[0]
-    K = max(int(budget.max()), 1)
-    lens = torch.poisson(torch.full((B, K), float(lam), dtype=torch.float64, device=device), generator=gen).long()
+    # draws come in chunks large enough for almost every row (mean + 4 sd of the count needed)
+    need = float(budget.max()) / lam
+    K = max(int(need + 4 * need ** 0.5) + 4, 1)
+    lens = _poisson(lam, (B, K), gen, device)
     while bool((lens.sum(1) < budget).any()):
-        more = torch.poisson(torch.full((B, K), float(lam), dtype=torch.float64, device=device), generator=gen).long()
-        lens = torch.cat([lens, more], dim=1)
+        lens = torch.cat([lens, _poisson(lam, (B, K), gen, device)], dim=1)
     cum = lens.cumsum(1)
     n_spans = torch.where(budget > 0, (cum < budget[:, None]).sum(1) + 1, torch.zeros_like(budget))
     ar = torch.arange(lens.shape[1], device=device)[None, :]
@@ -204,12 +202,22 @@ def _poisson_spans(budget: torch.Tensor, lam: float, gen) -> torch.Tensor:
     return torch.where(ar < n_spans[:, None], lens, -1)
 
 
+def _poisson(lam: float, shape, gen, device) -> torch.Tensor:
+    """Poisson(lam) draws by inverse CDF (float64 table up to far in the tail; much faster
+    than ``torch.poisson``)."""
+    top = int(lam + 20 * lam ** 0.5 + 20)
+    k = torch.arange(top + 1, dtype=torch.float64, device=device)
+    cdf = torch.exp(k * math.log(lam) - lam - torch.lgamma(k + 1)).cumsum(0)
+    cdf[-1] = 1.0
+    return torch.searchsorted(cdf, uniform(shape, gen, device), right=True)
+
+
 def _text_infilling(tokens, ws, protected, lengths, vocab, mask_ratio, lam, random_ratio, gen):
     device = tokens.device
     B, L = tokens.shape
     eligible = ~protected
     starts = effective_word_starts(eligible, ws)
-    widx = word_index(eligible, starts)
+    widx = starts.cumsum(1).sub_(1).clamp_(min=0)  # word of each token (meaningless where not eligible)
     n_words = starts.sum(1)
     W = max(int(n_words.max()), 1)
     budget = torch.ceil(n_words.double() * mask_ratio).long()
@@ -223,22 +231,20 @@ def _text_infilling(tokens, ws, protected, lengths, vocab, mask_ratio, lam, rand
     nz_lens, _ = compact(span_lens, nonzero, K, 0)
 
     # distinct random start words, paired with the non-zero lengths
-    inf = torch.full((B, L), float("inf"), dtype=torch.float64, device=device)
-    start_pos = torch.where(starts, uniform((B, L), gen, device), inf).topk(K, dim=1, largest=False).indices
+    start_pos = random_keys((B, L), gen, device, blocked=~starts).topk(K, dim=1, largest=False).indices
     span_ok = torch.arange(K, device=device)[None, :] < n_mask[:, None]
-    w0 = widx.gather(1, start_pos).clamp(min=0)
+    w0 = widx.gather(1, start_pos)
 
     # a span stops at the end of its run of unprotected tokens
     prev_elig = torch.zeros_like(eligible)
     prev_elig[:, 1:] = eligible[:, :-1]
     seg_first = eligible & ~prev_elig
     G = max(int(seg_first.sum(1).max()), 1)
-    seg = torch.where(eligible, seg_first.long().cumsum(1) - 1, G)
-    words_per_seg = torch.zeros((B, G + 1), dtype=torch.long, device=device)
-    words_per_seg.scatter_add_(1, torch.where(starts, seg, G), starts.long())
-    seg_end_word = words_per_seg[:, :G].cumsum(1)  # one past the last word of each segment
+    seg = seg_first.cumsum(1).sub_(1).clamp_(min=0)  # run of each token (meaningless where not eligible)
+    words_per_seg = torch.zeros((B, G), dtype=torch.long, device=device).scatter_add_(1, seg, starts.long())
+    seg_end_word = words_per_seg.cumsum(1)  # one past the last word of each segment
     word_seg = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    word_seg.scatter_(1, torch.where(starts, widx, W), torch.where(starts, seg, 0))
+    word_seg.scatter_(1, blend(starts, widx, W), seg)
     w_end = torch.minimum(w0 + nz_lens, seg_end_word.gather(1, word_seg.gather(1, w0)))
 
     # words inside a span after its first word are deleted; the first word's first token → mask
@@ -251,13 +257,12 @@ def _text_infilling(tokens, ws, protected, lengths, vocab, mask_ratio, lam, rand
     start_word = torch.zeros((B, W + 1), dtype=torch.bool, device=device)
     start_word.scatter_(1, torch.where(span_ok, w0, W), span_ok)
     start_word = start_word[:, :W]
-    w_tok = widx.clamp(min=0)
-    tok_interior = eligible & in_interior.gather(1, w_tok)
-    tok_in_start = eligible & start_word.gather(1, w_tok)
+    tok_interior = eligible & in_interior.gather(1, widx)
+    tok_in_start = eligible & start_word.gather(1, widx)
     deleted = tok_interior | (tok_in_start & ~starts)
     to_mask = tok_in_start & starts & ~tok_interior
     rand_span = span_ok & (uniform((B, K), gen, device) < random_ratio)
-    values = torch.where(to_mask, vocab.mask_id, tokens)
+    values = blend(to_mask, vocab.mask_id, tokens)
     # a span's mask becomes a random token (a start swallowed by another span is deleted anyway)
     at_start = values.gather(1, start_pos)
     values.scatter_(1, start_pos, torch.where(rand_span, random_regular(vocab, (B, K), gen, device), at_start))
@@ -270,18 +275,20 @@ def _text_infilling(tokens, ws, protected, lengths, vocab, mask_ratio, lam, rand
     new_len = n_kept + n_ins
     Wout = max(int(new_len.max()), 1)
     ar = torch.arange(Wout, device=device)[None, :]
-    slot_ok = (ar >= 1) & (ar <= (new_len - 2)[:, None])
-    keys = torch.where(slot_ok, uniform((B, Wout), gen, device), float("inf"))
     n_rand = torch.ceil(n_ins.double() * random_ratio).long()
-    ins = torch.zeros((B, Wout), dtype=torch.bool, device=device)
-    out = torch.full((B, Wout), vocab.pad_id, dtype=torch.long, device=device)
+    ins = torch.zeros((B, Wout + 1), dtype=torch.bool, device=device)
+    out = torch.full((B, Wout + 1), vocab.pad_id, dtype=torch.long, device=device)
     kmax = int(n_ins.max())
-    if kmax > 0:  # the n_ins smallest keys, in order: the first n_rand of them are random tokens
-        idx = keys.topk(kmax, dim=1, largest=False).indices
+    if kmax > 0:  # n_ins distinct slots in [1, new_len − 2]; a random n_rand of them get random tokens
+        idx = random_subset((new_len - 2).clamp(min=0), n_ins, gen) + 1  # padded with new_len − 1
         k = torch.arange(kmax, device=device)[None, :]
-        ins.scatter_(1, idx, k < n_ins[:, None])
-        ins_vals = torch.where(k < n_rand[:, None], random_regular(vocab, (B, kmax), gen, device), vocab.mask_id)
-        out.scatter_(1, idx, torch.where(k < n_ins[:, None], ins_vals, vocab.pad_id))
+        take = k < n_ins[:, None]
+        idx = torch.where(take, idx, Wout)  # dump column
+        rank = random_keys((B, kmax), gen, device, blocked=~take).argsort(dim=1).argsort(dim=1)
+        ins_vals = torch.where(rank < n_rand[:, None], random_regular(vocab, (B, kmax), gen, device), vocab.mask_id)
+        ins.scatter_(1, idx, take)
+        out.scatter_(1, idx, ins_vals)
+    ins, out = ins[:, :Wout], out[:, :Wout]
     others = (ar < new_len[:, None]) & ~ins
     src = (others.long().cumsum(1) - 1).clamp(min=0, max=L - 1)
     out = torch.where(others, kept.gather(1, src), out)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens,
-    effective_word_starts, random_regular, round_half_even, smallest_k, uniform, word_index,
+    IGNORE_INDEX, blend, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens,
+    effective_word_starts, excluded_table, lookup, random_keys, random_regular, round_half_even, smallest_k,
+    uniform, word_index,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -72,24 +73,44 @@ def mlm_mask(
 
     device = tokens.device
     B, L = tokens.shape
-    table = vocab.special_table.to(device)
-    candidates = ~table[tokens] & (tokens != vocab.pad_id)
+    candidates = ~lookup(excluded_table(vocab, device), tokens)
     n_cand = candidates.sum(1)
     cap = L if max_predictions is None else max_predictions
+    fracs = (mask_token_frac, random_token_frac)
 
-    if not whole_word:
-        selected = _select_tokens(candidates, n_cand, mask_prob, mode, cap, gen)
+    if not whole_word and mode != "bernoulli":
+        idx, take = _select_token_slots(candidates, n_cand, mask_prob, mode, cap, gen)
+        input_ids, labels = _corrupt_slots(tokens, idx, take, vocab, fracs, gen)
     else:
-        selected = _select_words(candidates, n_cand, word_starts, mask_prob, mode, cap, gen)
-
-    u = uniform((B, L), gen, device)
-    to_mask = selected & (u < mask_token_frac)
-    to_random = selected & (u >= mask_token_frac) & (u < mask_token_frac + random_token_frac)
-    random_ids = random_regular(vocab, (B, L), gen, device)
-    input_ids = torch.where(to_mask, vocab.mask_id, tokens)
-    input_ids = torch.where(to_random, random_ids, input_ids)
-    labels = torch.where(selected, tokens, IGNORE_INDEX)
+        if not whole_word:
+            selected = _select_tokens(candidates, mask_prob, cap, gen)
+        else:
+            selected = _select_words(candidates, n_cand, word_starts, mask_prob, mode, cap, gen)
+        input_ids, labels = _corrupt_mask(tokens, selected, vocab, fracs, gen)
     return {"input_ids": input_ids, "labels": labels, "padding_mask": tokens != vocab.pad_id}
+
+
+def _corrupt_values(orig: torch.Tensor, vocab: NoiseVocab, fracs, gen) -> torch.Tensor:
+    """80/10/10 (``fracs``) applied independently to every entry of ``orig``."""
+    mask_token_frac, random_token_frac = fracs
+    u = uniform(orig.shape, gen, orig.device)
+    random_ids = random_regular(vocab, orig.shape, gen, orig.device)
+    out = blend(u < mask_token_frac + random_token_frac, random_ids, orig)
+    return blend(u < mask_token_frac, vocab.mask_id, out)
+
+
+def _corrupt_slots(tokens, idx, take, vocab, fracs, gen):
+    """Corrupt the positions ``idx[b, j]`` with ``take[b, j]`` (distinct per row); the 80/10/10
+    draws are made for these positions only."""
+    orig = tokens.gather(1, idx)
+    input_ids = tokens.clone().scatter_(1, idx, blend(take, _corrupt_values(orig, vocab, fracs, gen), orig))
+    labels = torch.full_like(tokens, IGNORE_INDEX).scatter_(1, idx, blend(take, orig, IGNORE_INDEX))
+    return input_ids, labels
+
+
+def _corrupt_mask(tokens, selected, vocab, fracs, gen):
+    input_ids = blend(selected, _corrupt_values(tokens, vocab, fracs, gen), tokens)
+    return input_ids, blend(selected, tokens, IGNORE_INDEX)
 
 
 def _token_budget(n: torch.Tensor, mask_prob: float, mode: str, cap: int, gen) -> torch.Tensor:
@@ -100,18 +121,28 @@ def _token_budget(n: torch.Tensor, mask_prob: float, mode: str, cap: int, gen) -
     return torch.minimum(torch.minimum(k, n), torch.full_like(k, cap))
 
 
-def _select_tokens(candidates, n_cand, mask_prob, mode, cap, gen) -> torch.Tensor:
+def _select_token_slots(candidates, n_cand, mask_prob, mode, cap, gen):
+    """Exact / RoBERTa count: the ``k[b]`` candidates with the smallest random keys.
+
+    Returns ``(idx [B, kmax], take [B, kmax])``: the chosen positions are ``idx[take]``."""
+    B, L = candidates.shape
+    keys = random_keys((B, L), gen, candidates.device, blocked=~candidates)
+    k = _token_budget(n_cand, mask_prob, mode, cap, gen)
+    kmin, kmax = int(k.min()), max(int(k.max()), 1)
+    idx = keys.topk(kmax, dim=1, largest=False, sorted=kmin != kmax).indices
+    take = torch.arange(kmax, device=candidates.device)[None, :] < k[:, None]
+    return idx, take
+
+
+def _select_tokens(candidates, mask_prob, cap, gen) -> torch.Tensor:
+    """Bernoulli selection, capped at ``cap`` tokens per row."""
     B, L = candidates.shape
     keys = uniform((B, L), gen, candidates.device)
-    inf = torch.full_like(keys, float("inf"))
-    if mode == "bernoulli":
-        chosen = candidates & (keys < mask_prob)
-        if cap < L:  # keep a random subset of at most `cap`
-            keys2 = torch.where(chosen, uniform((B, L), gen, candidates.device), inf)
-            chosen = smallest_k(keys2, chosen.sum(1).clamp(max=cap))
-        return chosen
-    k = _token_budget(n_cand, mask_prob, mode, cap, gen)
-    return smallest_k(torch.where(candidates, keys, inf), k)
+    chosen = candidates & (keys < mask_prob)
+    if cap < L:  # keep a random subset of at most `cap`
+        keys2 = random_keys((B, L), gen, candidates.device, blocked=~chosen)
+        chosen = smallest_k(keys2, chosen.sum(1).clamp(max=cap))
+    return chosen
 
 
 def _select_words(candidates, n_cand, word_starts, mask_prob, mode, cap, gen) -> torch.Tensor:

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, check_gen, check_open_unit, check_tokens, compact, real_lengths, round_half_even,
-    smallest_k, uniform,
+    IGNORE_INDEX, check_gen, check_open_unit, check_tokens, random_subset, real_lengths, round_half_even,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -97,7 +96,7 @@ def random_spans_noise_mask(
         if lengths.ndim != 1 or int(lengths.min()) < 2 or int(lengths.max()) > length:
             raise ValueError(f"lengths must be a 1-D tensor of ints in [2, {length}], got {lengths.tolist()}")
     n_noise, n_spans = noise_counts(lengths, noise_density, mean_noise_span_length)
-    _check_spans_fit(lengths, n_noise, n_spans, noise_density, mean_noise_span_length)
+    check_spans_fit(lengths, n_noise, n_spans, noise_density, mean_noise_span_length)
     return _noise_mask(lengths, n_noise, n_spans, length, gen)
 
 
@@ -122,47 +121,85 @@ def span_corruption(
         of L tokens, ``I = L − n_noise + n_spans + 1`` and ``T = n_noise + n_spans + 1``
         (L = 568 → I = 512, T = 114); otherwise I and T are the longest row's.
     """
-    check_tokens(tokens, vocab)
+    id_range = check_tokens(tokens, vocab)
     check_gen(gen)
     _check_noise(noise_density, mean_noise_span_length)
-    lengths = real_lengths(tokens, vocab.pad_id)
+    lengths = real_lengths(tokens, vocab.pad_id, id_range=id_range)
     if int(lengths.min()) < 2:
         raise ValueError(
             f"a row has {int(lengths.min())} real token(s); span corruption needs at least 2 per row "
             "(one noise, one kept): drop or merge such short rows"
         )
     n_noise, n_spans = noise_counts(lengths, noise_density, mean_noise_span_length)
-    _check_spans_fit(lengths, n_noise, n_spans, noise_density, mean_noise_span_length)
-    _check_sentinels(tokens, lengths, n_spans, vocab, noise_density, mean_noise_span_length)
+    check_spans_fit(lengths, n_noise, n_spans, noise_density, mean_noise_span_length)
+    check_sentinels(tokens, lengths, n_spans, vocab, noise_density, mean_noise_span_length, id_range[1])
 
-    B, L = tokens.shape
-    noise = _noise_mask(lengths, n_noise, n_spans, L, gen)
-    real = torch.arange(L, device=tokens.device)[None, :] < lengths[:, None]
-    inputs, in_len = spans_to_sentinels(tokens, noise, real, vocab)
-    targets, tgt_len = spans_to_sentinels(tokens, real & ~noise, real, vocab)
-    tgt_real = torch.arange(targets.shape[1], device=tokens.device)[None, :] < tgt_len[:, None]
-    labels = torch.where(tgt_real, targets, IGNORE_INDEX)
-    padding_mask = torch.arange(inputs.shape[1], device=tokens.device)[None, :] < in_len[:, None]
-    return {"input_ids": inputs, "padding_mask": padding_mask, "labels": labels}
+    clean_lens, noise_lens = span_lengths(lengths, n_noise, n_spans, gen)
+    inputs, in_len = assemble_spans(tokens, clean_lens, noise_lens, vocab, sentinel_first=False)
+    labels, _ = assemble_spans(tokens, clean_lens, noise_lens, vocab, sentinel_first=True, fill=IGNORE_INDEX)
+    return {"input_ids": inputs, "padding_mask": below(in_len, inputs.shape[1]), "labels": labels}
 
 
-def spans_to_sentinels(tokens: torch.Tensor, noise: torch.Tensor, real: torch.Tensor, vocab: NoiseVocab):
-    """Replace each run of ``noise`` by one sentinel (``V−1`` first, counting down), keep the
-    other ``real`` tokens, append EOS; right-pad with ``pad_id``.
+def below(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool [B, width]: True at positions < lengths[b]."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
-    Returns ``(ids [B, W], lengths [B])`` where ``W`` is the longest result (EOS included).
+
+def pad_after_(values: torch.Tensor, lengths: torch.Tensor, fill: int) -> torch.Tensor:
+    """Set the positions at or past ``lengths[b]`` of ``values`` to ``fill``, in place."""
+    if int(lengths.min()) == values.shape[1]:
+        return values
+    return values.masked_fill_(~below(lengths, values.shape[1]), fill)
+
+
+def assemble_spans(tokens, clean_lens, noise_lens, vocab: NoiseVocab, sentinel_first: bool,
+                   sentinels: torch.Tensor | None = None, lead: torch.Tensor | None = None, fill: int | None = None):
+    """Build T5's inputs (``sentinel_first=False``) or targets (``True``) from the span plan.
+
+    Row ``b`` alternates clean span 0, noise span 0, clean span 1, ... (lengths
+    ``clean_lens`` / ``noise_lens`` [B, S], zero past the row's spans). Inputs are each clean
+    span followed by sentinel ``j`` (in place of noise span ``j``); targets are sentinel ``j``
+    followed by noise span ``j``; both end with EOS and are right-padded with ``fill``
+    (default ``pad_id``).
+    Rows where ``sentinels`` (bool [B]) is False get no sentinels (a prefix-LM split is the
+    plan ``[prefix], [rest]``); ``lead`` (int64 [B]) puts one token first (UL2's mode token).
+    Each output position is read from ``tokens`` by a gather, so no per-token scatter is needed.
+
+    Returns ``(ids [B, W], lengths [B])``; ``W`` is the longest result (EOS included).
     """
-    prev = torch.zeros_like(noise)
-    prev[:, 1:] = noise[:, :-1]
-    first = noise & ~prev
-    sentinel = vocab.vocab_size - first.long().cumsum(1)
-    values = torch.where(first, sentinel, tokens)
-    keep = real & ~(noise & prev)
-    counts = keep.sum(1)
-    width = int(counts.max()) + 1
-    out, _ = compact(values, keep, width, vocab.pad_id)
-    out.scatter_(1, counts[:, None], torch.full_like(counts[:, None], vocab.eos_id))
-    return out, counts + 1
+    device = tokens.device
+    B, S = clean_lens.shape
+    L = tokens.shape[1]
+    sent = torch.ones((B, 1), dtype=torch.long, device=device) if sentinels is None else sentinels.long()[:, None]
+    off = 0 if lead is None else 1
+    both = torch.stack([clean_lens, noise_lens], 2).view(B, 2 * S)
+    span_start = both.cumsum(1) - both
+    kept = noise_lens if sentinel_first else clean_lens
+    src_start = span_start[:, 1::2] if sentinel_first else span_start[:, 0::2]
+    has_unit = noise_lens > 0  # one unit (kept span + sentinel) per noise span
+    unit = (kept + sent) * has_unit
+    out_start = unit.cumsum(1) - unit + off
+    count = out_start[:, -1] + unit[:, -1]
+    W = int(count.max()) + 1
+
+    # source index of every output position: +1 per position, plus a jump at each unit start
+    shift = src_start - out_start - (sent if sentinel_first else 0)  # source = position + shift
+    jumps = torch.ones((B, W), dtype=torch.long, device=device)
+    jumps[:, 0] = 0
+    jumps.scatter_add_(1, out_start, torch.diff(shift, dim=1, prepend=torch.zeros_like(shift[:, :1])) * has_unit)
+    src = jumps.cumsum(1)
+    if int(count.min()) < W - 1:  # shorter rows read past their end
+        src = src.clamp_(0, L - 1)
+    else:  # only the EOS column can
+        src[:, -1].clamp_(0, L - 1)
+    out = tokens.gather(1, src)
+    if lead is not None:
+        out[:, 0] = lead
+    sentinel_pos = out_start + (0 if sentinel_first else kept)
+    sentinel_ids = vocab.vocab_size - 1 - torch.arange(S, device=device).expand(B, S)
+    out.scatter_(1, torch.where(has_unit & (sent > 0), sentinel_pos, count[:, None]), sentinel_ids)
+    out.scatter_(1, count[:, None], torch.full_like(count[:, None], vocab.eos_id))
+    return pad_after_(out, count + 1, vocab.pad_id if fill is None else fill), count + 1
 
 
 def reconstruct(input_ids: torch.Tensor, labels: torch.Tensor, vocab: NoiseVocab) -> list[list[int]]:
@@ -202,7 +239,7 @@ def _check_noise(noise_density: float, mean_noise_span_length: float) -> None:
         )
 
 
-def _check_spans_fit(lengths, n_noise, n_spans, noise_density, mean) -> None:
+def check_spans_fit(lengths, n_noise, n_spans, noise_density, mean) -> None:
     bad = n_spans > lengths - n_noise
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -213,7 +250,7 @@ def _check_spans_fit(lengths, n_noise, n_spans, noise_density, mean) -> None:
         )
 
 
-def _check_sentinels(tokens, lengths, n_spans, vocab: NoiseVocab, noise_density, mean) -> None:
+def check_sentinels(tokens, lengths, n_spans, vocab: NoiseVocab, noise_density, mean, max_id) -> None:
     need = int(n_spans.max())
     if need > vocab.num_sentinels:
         raise ValueError(
@@ -222,8 +259,12 @@ def _check_sentinels(tokens, lengths, n_spans, vocab: NoiseVocab, noise_density,
             f"{vocab.num_sentinels}; build the tokenizer with more sentinels, use shorter rows, or raise "
             "mean_noise_span_length"
         )
-    real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
-    if bool(((tokens >= vocab.first_sentinel_id) & real).any()):
+    if max_id < vocab.first_sentinel_id:
+        return
+    sentinel = tokens >= vocab.first_sentinel_id
+    if int(lengths.min()) < tokens.shape[1]:
+        sentinel &= below(lengths, tokens.shape[1])
+    if bool(sentinel.any()):
         raise ValueError(
             f"tokens contain sentinel ids (>= {vocab.first_sentinel_id}); sentinels are reserved for the noise, "
             "so the raw text must not hold them"
@@ -232,32 +273,28 @@ def _check_sentinels(tokens, lengths, n_spans, vocab: NoiseVocab, noise_density,
 
 def _segment_lengths(num_items: torch.Tensor, num_segments: torch.Tensor, gen) -> torch.Tensor:
     """Cut ``num_items[b]`` items into ``num_segments[b]`` positive parts, every composition
-    equally likely (T5's ``_random_segmentation``). Returns int64 [B, max(num_segments)],
-    zero past each row's segment count."""
-    device = num_items.device
-    B = num_items.shape[0]
-    N = max(int(num_items.max()) - 1, 1)
-    gaps = torch.arange(N, device=device)[None, :] < (num_items - 1)[:, None]
-    keys = torch.where(gaps, uniform((B, N), gen, device), float("inf"))
-    cut_after = smallest_k(keys, num_segments - 1)  # a new segment starts after gap j
-    seg_of_item = torch.zeros((B, N + 1), dtype=torch.long, device=device)
-    seg_of_item[:, 1:] = cut_after.long().cumsum(1)
-    S = int(num_segments.max())
-    items = torch.arange(N + 1, device=device)[None, :] < num_items[:, None]
-    out = torch.zeros((B, S + 1), dtype=torch.long, device=device)
-    out.scatter_add_(1, torch.where(items, seg_of_item, S), items.long())
-    return out[:, :S]
+    equally likely (T5's ``_random_segmentation``): the parts end after ``num_segments − 1``
+    distinct gaps chosen uniformly. Returns int64 [B, max(num_segments)], zero past each
+    row's segment count."""
+    last = (num_items - 1)[:, None]
+    cuts = random_subset(num_items - 1, num_segments - 1, gen)
+    return torch.cat([torch.full_like(last, -1), cuts, last], dim=1).diff(dim=1)
+
+
+def span_lengths(lengths, n_noise, n_spans, gen):
+    """Random span plan: ``(clean_lens, noise_lens)`` int64 [B, S], zero past a row's spans."""
+    noise_lens = _segment_lengths(n_noise, n_spans, gen)
+    clean_lens = _segment_lengths(lengths - n_noise, n_spans, gen)
+    return clean_lens, noise_lens
 
 
 def _noise_mask(lengths, n_noise, n_spans, width: int, gen) -> torch.Tensor:
     device = lengths.device
     B = lengths.shape[0]
-    noise_lens = _segment_lengths(n_noise, n_spans, gen)
-    nonnoise_lens = _segment_lengths(lengths - n_noise, n_spans, gen)
-    interleaved = torch.stack([nonnoise_lens, noise_lens], dim=2).reshape(B, -1)
+    clean_lens, noise_lens = span_lengths(lengths, n_noise, n_spans, gen)
+    interleaved = torch.stack([clean_lens, noise_lens], dim=2).reshape(B, -1)
     span_starts = interleaved.cumsum(1).clamp(max=width)
-    indicator = torch.zeros((B, width + 1), dtype=torch.long, device=device)
-    indicator.scatter_add_(1, span_starts, torch.ones_like(span_starts))
-    span_num = indicator[:, :width].cumsum(1)
-    real = torch.arange(width, device=device)[None, :] < lengths[:, None]
-    return (span_num % 2 == 1) & real
+    indicator = torch.zeros((B, width + 1), dtype=torch.int32, device=device)
+    indicator.scatter_add_(1, span_starts, torch.ones_like(span_starts, dtype=torch.int32))
+    span_num = indicator[:, :width].cumsum(1, dtype=torch.int32)
+    return (span_num & 1).bool() & below(lengths, width)

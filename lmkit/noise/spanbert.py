@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens, compact,
-    effective_word_starts, random_regular, smallest_k, uniform, word_index,
+    IGNORE_INDEX, blend, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens,
+    effective_word_starts, excluded_table, lookup, random_regular, random_subset, uniform,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -70,7 +70,7 @@ def spanbert_mask(
         ``span_words_used`` (after the last span taken is cut to the budget) and ``budget``
         int64 [B].
     """
-    check_tokens(tokens, vocab)
+    id_range = check_tokens(tokens, vocab)
     check_gen(gen)
     word_starts = check_mask_like(word_starts, tokens, "word_starts")
     check_open_unit("mask_prob", mask_prob, " (the share of tokens to mask, e.g. 0.15)")
@@ -81,10 +81,9 @@ def spanbert_mask(
 
     device = tokens.device
     B, L = tokens.shape
-    ar_L = torch.arange(L, device=device)
-    eligible = ~vocab.special_table.to(device)[tokens] & (tokens != vocab.pad_id)
+    eligible = ~lookup(excluded_table(vocab, device), tokens)
     starts = effective_word_starts(eligible, word_starts)
-    widx = word_index(eligible, starts)
+    widx = starts.cumsum(1).sub_(1).clamp_(min=0)  # word of each token (meaningless where not eligible)
     n_words = starts.sum(1)
     n_tok = eligible.sum(1)
     budget = torch.ceil(n_tok.double() * mask_prob).long()
@@ -92,12 +91,12 @@ def spanbert_mask(
 
     # tokens per word and their exclusive prefix sums (wcum[b, w] = tokens before word w)
     word_len = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    word_len.scatter_add_(1, torch.where(eligible, widx, W), eligible.long())
+    word_len.scatter_add_(1, widx, eligible.long())
     word_len[:, W] = 0
     wcum = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    wcum[:, 1:] = word_len[:, :W].cumsum(1)
+    wcum[:, 1:] = word_len.cumsum(1)[:, :W]
     past_end = torch.arange(W + 1, device=device)[None, :] > n_words[:, None]
-    wcum = wcum.masked_fill(past_end, 1 << 40)  # past the last word: beyond any target
+    wcum = torch.where(past_end, 1 << 40, wcum)  # past the last word: beyond any target
 
     # candidate spans: lengths i.i.d. from the truncated geometric
     pmf = span_length_pmf(geometric_p, max_span_words)
@@ -124,11 +123,9 @@ def spanbert_mask(
     free = n_words - (lens.sum(1) + (n_cand - 1).clamp(min=0))
 
     # stars and bars: choose n_cand of the (free + n_cand) slots; gaps = unchosen slots
-    S = max(int((free + n_cand).max()), 1)
-    slot_ok = torch.arange(S, device=device)[None, :] < (free + n_cand)[:, None]
-    inf = torch.full((B, S), float("inf"), dtype=torch.float64, device=device)
-    chosen = smallest_k(torch.where(slot_ok, uniform((B, S), gen, device), inf), n_cand)
-    slots, _ = compact(torch.arange(S, device=device).expand(B, S).contiguous(), chosen, K, 0)
+    chosen = random_subset(free + n_cand, n_cand, gen)  # sorted slot of each candidate
+    slots = torch.zeros((B, K), dtype=torch.long, device=device)
+    slots[:, : chosen.shape[1]] = chosen
     excl = lens.cumsum(1) - lens
     span_start = torch.where(fit, slots + excl, torch.zeros_like(slots))  # first word of each candidate
 
@@ -143,10 +140,7 @@ def spanbert_mask(
     o_tok = torch.where(o_fit, o_tok, torch.zeros_like(o_tok))
     before = o_tok.cumsum(1) - o_tok
     taken = o_fit & (before < budget[:, None])
-    need = budget[:, None] - before
-    target = (wcum.gather(1, o_start) + need).clamp(max=1 << 40)
-    m = torch.searchsorted(wcum.contiguous(), target.contiguous(), right=False) - o_start
-    used = torch.where(taken, torch.minimum(o_len, m.clamp(min=1)), torch.zeros_like(o_len))
+    used = _shorten_last(taken, o_start, o_len, before, budget, wcum, max_span_words)
 
     # words covered, with the (taken-order) index of their span
     cover = torch.zeros((B, W + 1), dtype=torch.long, device=device)
@@ -154,7 +148,7 @@ def spanbert_mask(
     cover.scatter_add_(1, torch.where(taken, o_start, W), torch.where(taken, span_tag, 0))
     cover.scatter_add_(1, torch.where(taken, o_start + used, W).clamp(max=W),
                        torch.where(taken, -span_tag, 0))
-    word_span = cover[:, :W].cumsum(1) - 1  # -1 where not covered
+    word_span = cover.cumsum(1)[:, :W] - 1  # -1 where not covered
     n_spans = K
     # rows whose words are too long for spans kept one word apart: add single words at random
     shortfall = budget - (word_len[:, :W] * (word_span >= 0)).sum(1)
@@ -167,42 +161,74 @@ def spanbert_mask(
         new_id = K + torch.arange(W, device=device).expand(B, W)
         word_span.scatter_(1, order, torch.where(add, new_id, word_span.gather(1, order)))
         n_spans = K + W
-    tok_span = torch.where(eligible, word_span.gather(1, widx.clamp(min=0)), -1)
-    masked = tok_span >= 0
-
-    # 80/10/10 once per span
-    u = uniform((B, n_spans), gen, device).gather(1, tok_span.clamp(min=0))
-    to_mask = masked & (u < mask_token_frac)
-    to_random = masked & (u >= mask_token_frac) & (u < mask_token_frac + random_token_frac)
-    input_ids = torch.where(to_mask, vocab.mask_id, tokens)
-    input_ids = torch.where(to_random, random_regular(vocab, (B, L), gen, device), input_ids)
-    labels = torch.where(masked, tokens, IGNORE_INDEX)
-
-    # SBO indices from the runs of masked tokens
-    prev = torch.zeros_like(masked)
-    prev[:, 1:] = masked[:, :-1]
-    nxt = torch.zeros_like(masked)
-    nxt[:, :-1] = masked[:, 1:]
-    run_start = torch.where(masked & ~prev, ar_L, torch.zeros_like(ar_L)).cummax(1).values
-    run_end = torch.where(masked & ~nxt, ar_L, L).flip(1).cummin(1).values.flip(1)
-    left, right = run_start - 1, run_end + 1
+    # 80/10/10 once per span: code 0 = not masked, 1 = [MASK], 2 = random token, 3 = unchanged
+    u = uniform((B, n_spans), gen, device)
+    span_code = 3 - (u < mask_token_frac + random_token_frac).int() - (u < mask_token_frac).int()
+    word_code = torch.zeros((B, W + 1), dtype=torch.int32, device=device)
+    covered = word_span >= 0
+    word_code[:, :W] = span_code.gather(1, word_span.clamp(min=0)) * covered
+    code = word_code.gather(1, widx) * eligible
+    masked = code > 0
+    input_ids = blend(code == 1, vocab.mask_id, tokens)
+    to_random = code == 2
+    input_ids.masked_scatter_(to_random, random_regular(vocab, (int(to_random.sum()),), gen, device))
+    labels = blend(masked, tokens, IGNORE_INDEX)
     real = tokens != vocab.pad_id
-    ok = masked & (left >= 0) & (right < L)
-    ok = ok & real.gather(1, left.clamp(0, L - 1)) & real.gather(1, right.clamp(0, L - 1))
-    neg = torch.full_like(tokens, -1)
-    out = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "padding_mask": real,
-        "span_left": torch.where(ok, left, neg),
-        "span_right": torch.where(ok, right, neg),
-        "span_pos": torch.where(ok, ar_L - run_start, neg),
-    }
+    padded = id_range[0] <= vocab.pad_id <= id_range[1] and not bool(real.all())
+    out = {"input_ids": input_ids, "labels": labels, "padding_mask": real,
+           **_boundaries(masked, real if padded else None)}
     if return_stats:
         out["span_words"] = torch.where(taken, o_len, -1)
         out["span_words_used"] = torch.where(taken, used, -1)
         out["budget"] = budget
     return out
+
+
+def _shorten_last(taken, o_start, o_len, before, budget, wcum, max_span_words) -> torch.Tensor:
+    """Words used by each taken span: all of them, except that the last span taken in a row is
+    cut to the fewest whole words that reach the budget."""
+    device = o_len.device
+    n_taken = taken.sum(1, keepdim=True)
+    last = (n_taken - 1).clamp(min=0)
+    start = o_start.gather(1, last)
+    need = budget[:, None] - before.gather(1, last)
+    ar = torch.arange(max_span_words + 1, device=device)[None, :]
+    reach = wcum.gather(1, (start + ar).clamp(max=wcum.shape[1] - 1)) - wcum.gather(1, start)
+    fewest = (reach < need).sum(1, keepdim=True).clamp(min=1)  # words until `need` tokens
+    used = torch.where(taken, o_len, 0)
+    cut = torch.minimum(used.gather(1, last), fewest)
+    return used.scatter_(1, last, torch.where(n_taken > 0, cut, 0))
+
+
+def _boundaries(masked: torch.Tensor, real: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """SBO indices from the runs of masked tokens: ``span_left`` / ``span_right`` (the tokens
+    just outside the run) and ``span_pos``; -1 off runs and on runs that touch the row's edge
+    or padding (``real``, None = no padding).
+
+    Works on the flat list of masked positions (about 15% of the tokens), so the only full-size
+    work is one ``nonzero`` and filling the three outputs."""
+    B, L = masked.shape
+    out = {k: torch.full((B * L,), -1, dtype=torch.long, device=masked.device)
+           for k in ("span_left", "span_right", "span_pos")}
+    flat = masked.view(-1).nonzero().squeeze(1)  # increasing
+    if flat.numel() > 0:
+        pos = flat % L
+        first = torch.ones_like(flat, dtype=torch.bool)
+        first[1:] = (flat[1:] != flat[:-1] + 1) | (pos[1:] == 0)
+        last = torch.ones_like(first)
+        last[:-1] = first[1:]
+        run_start = torch.where(first, flat, 0).cummax(0).values
+        run_end = torch.where(last, flat, B * L).flip(0).cummin(0).values.flip(0)
+        left, right = run_start % L - 1, run_end % L + 1
+        ok = (left >= 0) & (right < L)
+        if real is not None:
+            real = real.reshape(-1)
+            ok &= real[(run_start - 1).clamp(min=0)] & real[(run_end + 1).clamp(max=B * L - 1)]
+        at = flat[ok]
+        out["span_left"][at] = left[ok]
+        out["span_right"][at] = right[ok]
+        out["span_pos"][at] = (flat - run_start)[ok]
+    return {k: v.view(B, L) for k, v in out.items()}
 
 
 def expected_span_words(geometric_p: float = 0.2, max_span_words: int = 10) -> float:

@@ -3,8 +3,9 @@
 Denoisers: R (regular span corruption) (μ=3, r=0.15), (μ=8, r=0.15); X (extreme)
 (μ=3, r=0.5), (μ=8, r=0.5), (μ=64, r=0.15), (μ=64, r=0.5); S (sequential) = prefix LM.
 Each example's inputs start with its mode token: R → [NLU], X → [NLG], S → [S2S]. R and X
-reuse :func:`~lmkit.noise.span_corruption.span_corruption` with their own (μ, r); S uses
-:func:`~lmkit.noise.prefix_lm.prefix_lm_seq2seq` (split uniform in [1, n−1]).
+are :func:`~lmkit.noise.span_corruption.span_corruption` with their own (μ, r); S is
+:func:`~lmkit.noise.prefix_lm.prefix_lm_seq2seq` (split uniform in [1, n−1]). All rows are
+built in one pass from per-denoiser span plans.
 
 The mixture weights are configurable; by default the seven denoisers are equally likely
 (the paper's exact sampling rates are a training choice, set them through ``weights``).
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lmkit.noise._common import IGNORE_INDEX, check_gen, check_tokens
-from lmkit.noise.prefix_lm import prefix_lm_seq2seq
-from lmkit.noise.span_corruption import span_corruption
+from lmkit.noise._common import IGNORE_INDEX, check_gen, check_tokens, real_lengths
+from lmkit.noise.prefix_lm import split_points
+from lmkit.noise.span_corruption import (
+    assemble_spans, below, check_sentinels, check_spans_fit, noise_counts, span_lengths,
+)
 from lmkit.noise.vocab import NoiseVocab
 
 MODE_TOKEN_FIELD = {"R": "nlu_id", "X": "nlg_id", "S": "s2s_id"}
@@ -68,7 +71,7 @@ def ul2_denoise(
         [B, T]: the denoiser's targets (ending with EOS), then -100; ``denoiser`` int64 [B]:
         index into ``denoisers`` of each row's denoiser. I and T are the longest row's.
     """
-    check_tokens(tokens, vocab)
+    id_range = check_tokens(tokens, vocab)
     check_gen(gen)
     denoisers = tuple(denoisers)
     if not denoisers or not all(isinstance(d, Denoiser) for d in denoisers):
@@ -90,33 +93,57 @@ def ul2_denoise(
 
     B = tokens.shape[0]
     device = tokens.device
+    lengths = real_lengths(tokens, vocab.pad_id, id_range=id_range)
+    if int(lengths.min()) < 2:
+        raise ValueError(
+            f"a row has {int(lengths.min())} real token(s); UL2 needs at least 2 real tokens per row "
+            "(one noise / prefix, one kept): drop or merge such short rows"
+        )
     draws = 1 if not per_row else B
     choice = torch.multinomial(w, draws, replacement=True, generator=gen).to(device)
     if not per_row:
         choice = choice.expand(B).clone()
 
-    parts = []
+    # every denoiser is a span plan (S: one clean span = the prefix, one noise span = the rest,
+    # no sentinels); the plans are drawn per denoiser and assembled for the whole batch at once
+    kinds = [d.kind for d in denoisers]
+    spans = torch.tensor([k != "S" for k in kinds], device=device)[choice]
+    density = torch.tensor([d.density for d in denoisers], dtype=torch.float64, device=device)[choice]
+    mean = torch.tensor([float(d.mean_span) for d in denoisers], dtype=torch.float64, device=device)[choice]
+    n_noise, n_spans = noise_counts(lengths, density, mean)
+    _check_span_rows(tokens, lengths, n_noise, n_spans, spans, denoisers, choice, vocab, id_range[1])
+    plans = []
     for d_idx, d in enumerate(denoisers):
         rows = (choice == d_idx).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        sub = tokens[rows]
         if d.kind == "S":
-            out = prefix_lm_seq2seq(sub, gen, vocab)
+            s = split_points(lengths[rows], gen)
+            plans.append((rows, s[:, None], (lengths[rows] - s)[:, None]))
         else:
-            out = span_corruption(sub, gen, vocab, d.density, d.mean_span)
-        mode = torch.full((rows.numel(), 1), getattr(vocab, MODE_TOKEN_FIELD[d.kind]), dtype=torch.long, device=device)
-        inputs = torch.cat([mode, out["input_ids"]], dim=1)
-        pmask = torch.cat([torch.ones_like(mode, dtype=torch.bool), out["padding_mask"]], dim=1)
-        parts.append((rows, inputs, pmask, out["labels"]))
+            plans.append((rows, *span_lengths(lengths[rows], n_noise[rows], n_spans[rows], gen)))
+    S = max(p[1].shape[1] for p in plans)
+    clean = torch.zeros((B, S), dtype=torch.long, device=device)
+    noise = torch.zeros((B, S), dtype=torch.long, device=device)
+    for rows, c, n in plans:
+        clean[rows, : c.shape[1]] = c
+        noise[rows, : n.shape[1]] = n
+    mode = torch.tensor([getattr(vocab, MODE_TOKEN_FIELD[k]) for k in kinds], device=device)[choice]
+    input_ids, in_len = assemble_spans(tokens, clean, noise, vocab, False, spans, lead=mode)
+    labels, _ = assemble_spans(tokens, clean, noise, vocab, True, spans, fill=IGNORE_INDEX)
+    return {"input_ids": input_ids, "padding_mask": below(in_len, input_ids.shape[1]), "labels": labels,
+            "denoiser": choice}
 
-    I = max(p[1].shape[1] for p in parts)
-    T = max(p[3].shape[1] for p in parts)
-    input_ids = torch.full((B, I), vocab.pad_id, dtype=torch.long, device=device)
-    padding_mask = torch.zeros((B, I), dtype=torch.bool, device=device)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=device)
-    for rows, inputs, pmask, lab in parts:
-        input_ids[rows, : inputs.shape[1]] = inputs
-        padding_mask[rows, : pmask.shape[1]] = pmask
-        labels[rows, : lab.shape[1]] = lab
-    return {"input_ids": input_ids, "padding_mask": padding_mask, "labels": labels, "denoiser": choice}
+
+def _check_span_rows(tokens, lengths, n_noise, n_spans, spans, denoisers, choice, vocab, max_id):
+    """Span corruption's checks, on the rows of R and X denoisers."""
+    bad = spans & (n_spans > lengths - n_noise)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        d = denoisers[int(choice[i])]
+        check_spans_fit(lengths[i:i + 1], n_noise[i:i + 1], n_spans[i:i + 1], d.density, d.mean_span)
+    if bool(spans.any()):
+        d = denoisers[int(choice[int(torch.where(spans, n_spans, 0).argmax())])]
+        rows = spans.nonzero().flatten()
+        sub = tokens if max_id < vocab.first_sentinel_id else tokens[rows]  # no scan needed below the sentinels
+        check_sentinels(sub, lengths[rows], n_spans[rows], vocab, d.density, d.mean_span, max_id)
