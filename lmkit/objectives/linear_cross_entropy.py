@@ -17,18 +17,26 @@ from lmkit.objectives.base import IGNORE_INDEX
 
 
 def _chunk_loss_and_grad(h, weight, labels, ignore_index, want_grad):
-    """Summed NLL of one chunk, and the gradient of that sum w.r.t. its logits (or None)."""
+    """Summed NLL of one chunk, and the gradient of that sum w.r.t. its logits (or None).
+
+    With gradients, one softmax gives both: the gradient is softmax − one-hot and the NLL
+    is −log of the target's probability (clamped at the smallest normal float32, so a
+    token's loss saturates at 87.3 nats; its gradient stays exact). The gradient rows of
+    ignored labels are not zeroed here (a pass over [n, V]): the caller zeroes the
+    matching rows of the much smaller [n, D] operands instead.
+    """
     logits = (h @ weight.t()).float()
-    lse = torch.logsumexp(logits, dim=-1)
     valid = labels != ignore_index
-    target = labels.clamp(min=0)
-    nll = (lse - logits.gather(1, target[:, None]).squeeze(1)).masked_fill(~valid, 0.0).sum()
+    target = labels.clamp(min=0)[:, None]
     if not want_grad:
-        return nll, None
-    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-    grad.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
-    grad.mul_(valid[:, None])
-    return nll, grad.to(h.dtype)
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, target).squeeze(1)
+        return (nll * valid).sum(), valid, None
+    grad = torch.softmax(logits, dim=-1)
+    del logits
+    p_target = grad.gather(1, target).squeeze(1)
+    nll = -(p_target.clamp_min(torch.finfo(torch.float32).tiny).log() * valid).sum()
+    grad.scatter_add_(1, target, torch.full(target.shape, -1.0, device=grad.device))
+    return nll, valid, grad.to(h.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -39,10 +47,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-            nll, grad = _chunk_loss_and_grad(h, weight, y, ignore_index, True)
+            nll, valid, grad = _chunk_loss_and_grad(h, weight, y, ignore_index, True)
+            keep = valid[:, None].to(h.dtype)
             total = total + nll
-            grad_hidden[start:start + chunk_size] = grad @ weight
-            grad_weight.add_(grad.t() @ h)
+            torch.mul(grad @ weight, keep, out=grad_hidden[start:start + chunk_size])
+            grad_weight.add_(grad.t() @ (h * keep))
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
@@ -75,7 +84,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        nll, _ = _chunk_loss_and_grad(hidden[start:start + chunk_size], weight, labels[start:start + chunk_size],
-                                      ignore_index, False)
+        nll, _, _ = _chunk_loss_and_grad(hidden[start:start + chunk_size], weight,
+                                         labels[start:start + chunk_size], ignore_index, False)
         total = total + nll
     return total
