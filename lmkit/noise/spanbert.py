@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, blend, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens,
+    IGNORE_INDEX, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens,
     effective_word_starts, excluded_table, lookup, random_regular, random_subset, uniform,
 )
 from lmkit.noise.vocab import NoiseVocab
@@ -81,22 +81,23 @@ def spanbert_mask(
 
     device = tokens.device
     B, L = tokens.shape
-    eligible = ~lookup(excluded_table(vocab, device), tokens)
+    eligible = lookup(~excluded_table(vocab, device), tokens)
     starts = effective_word_starts(eligible, word_starts)
-    widx = starts.cumsum(1).sub_(1).clamp_(min=0)  # word of each token (meaningless where not eligible)
-    n_words = starts.sum(1)
-    n_tok = eligible.sum(1)
-    budget = torch.ceil(n_tok.double() * mask_prob).long()
+    # 1-based word of each token (0 before the first word; meaningless where not eligible):
+    # column w + 1 of the [B, W + 1] word tables holds word w, column 0 stays empty
+    widx = starts.cumsum(1)
+    n_words = widx[:, -1]
     W = max(int(n_words.max()), 1)
 
-    # tokens per word and their exclusive prefix sums (wcum[b, w] = tokens before word w)
-    word_len = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    word_len.scatter_add_(1, widx, eligible.long())
-    word_len[:, W] = 0
-    wcum = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    wcum[:, 1:] = word_len.cumsum(1)[:, :W]
+    # tokens per word, summed up: wcum[b, w] = tokens before word w (0-based)
+    word_len = torch.zeros((B, W + 1), dtype=torch.int32, device=device)
+    word_len.scatter_add_(1, widx, eligible.int())
+    wcum = word_len.cumsum(1)
+    n_tok = wcum[:, W]  # every eligible token is in a word
+    budget = torch.ceil(n_tok.double() * mask_prob).long()
     past_end = torch.arange(W + 1, device=device)[None, :] > n_words[:, None]
-    wcum = torch.where(past_end, 1 << 40, wcum)  # past the last word: beyond any target
+    wcum.masked_fill_(past_end, 1 << 40)  # past the last word: beyond any target
+    word_len = word_len[:, 1:]
 
     # candidate spans: lengths i.i.d. from the truncated geometric
     pmf = span_length_pmf(geometric_p, max_span_words)
@@ -142,46 +143,63 @@ def spanbert_mask(
     taken = o_fit & (before < budget[:, None])
     used = _shorten_last(taken, o_start, o_len, before, budget, wcum, max_span_words)
 
-    # words covered, with the (taken-order) index of their span
-    cover = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    span_tag = torch.arange(1, K + 1, device=device).expand(B, K)
-    cover.scatter_add_(1, torch.where(taken, o_start, W), torch.where(taken, span_tag, 0))
-    cover.scatter_add_(1, torch.where(taken, o_start + used, W).clamp(max=W),
-                       torch.where(taken, -span_tag, 0))
-    word_span = cover.cumsum(1)[:, :W] - 1  # -1 where not covered
-    n_spans = K
+    # word columns are 1-based (as in widx); column W + 1 takes the candidates not taken
+    first = torch.where(taken, o_start + 1, W + 1)
+    stop = torch.where(taken, o_start + used + 1, W + 1)
     # rows whose words are too long for spans kept one word apart: add single words at random
-    shortfall = budget - (word_len[:, :W] * (word_span >= 0)).sum(1)
+    span_tok = wcum.gather(1, torch.where(taken, o_start + used, 0)) - wcum.gather(1, torch.where(taken, o_start, 0))
+    shortfall = budget - span_tok.sum(1)
     if bool((shortfall > 0).any()):
-        free_word = (torch.arange(W, device=device)[None, :] < n_words[:, None]) & (word_span < 0)
-        order = torch.where(free_word, uniform((B, W), gen, device), float("inf")).argsort(dim=1)
-        o_free = free_word.gather(1, order)
-        f_len = word_len.gather(1, order) * o_free
-        add = o_free & ((f_len.cumsum(1) - f_len) < shortfall[:, None])
-        new_id = K + torch.arange(W, device=device).expand(B, W)
-        word_span.scatter_(1, order, torch.where(add, new_id, word_span.gather(1, order)))
-        n_spans = K + W
-    # 80/10/10 once per span: code 0 = not masked, 1 = [MASK], 2 = random token, 3 = unchanged
-    u = uniform((B, n_spans), gen, device)
-    span_code = 3 - (u < mask_token_frac + random_token_frac).int() - (u < mask_token_frac).int()
-    word_code = torch.zeros((B, W + 1), dtype=torch.int32, device=device)
-    covered = word_span >= 0
-    word_code[:, :W] = span_code.gather(1, word_span.clamp(min=0)) * covered
-    code = word_code.gather(1, widx) * eligible
-    masked = code > 0
-    input_ids = blend(code == 1, vocab.mask_id, tokens)
-    to_random = code == 2
-    input_ids.masked_scatter_(to_random, random_regular(vocab, (int(to_random.sum()),), gen, device))
-    labels = blend(masked, tokens, IGNORE_INDEX)
-    real = tokens != vocab.pad_id
-    padded = id_range[0] <= vocab.pad_id <= id_range[1] and not bool(real.all())
+        word_span = _paint(first, stop, torch.arange(1, K + 1, device=device).expand(B, K), W + 2)[:, 1:W + 1] - 1
+        word_span = _fill_shortfall(word_span, word_len, n_words, shortfall, K, gen)
+        span_code = _span_codes(uniform((B, K + W), gen, device), mask_token_frac, random_token_frac)
+        word_code = torch.zeros((B, W + 2), dtype=torch.int32, device=device)
+        word_code[:, 1:W + 1] = span_code.gather(1, word_span.clamp(min=0).long()) * (word_span >= 0)
+    else:  # spans neither touch nor overlap: paint each span's code over its words
+        span_code = _span_codes(uniform((B, K), gen, device), mask_token_frac, random_token_frac)
+        word_code = _paint(first, stop, span_code, W + 2)
+    code = word_code.gather(1, widx)
+    code *= eligible
+    input_ids, labels, flat = _apply_codes(tokens, code, gen, vocab)
+    padded = id_range[0] <= vocab.pad_id <= id_range[1]
+    real = tokens != vocab.pad_id if padded else torch.ones((B, L), dtype=torch.bool, device=device)
+    padded = padded and not bool(real.all())
     out = {"input_ids": input_ids, "labels": labels, "padding_mask": real,
-           **_boundaries(masked, real if padded else None)}
+           **_boundaries(flat, B, L, real if padded else None, spare=widx)}
     if return_stats:
         out["span_words"] = torch.where(taken, o_len, -1)
         out["span_words_used"] = torch.where(taken, used, -1)
         out["budget"] = budget
     return out
+
+
+def _paint(first: torch.Tensor, stop: torch.Tensor, value: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 [B, width]: ``value[b, k]`` over columns ``first[b, k] <= c < stop[b, k]`` (summed
+    where ranges overlap, which callers avoid), 0 elsewhere."""
+    out = torch.zeros((first.shape[0], width), dtype=torch.int32, device=first.device)
+    value = value.int()
+    out.scatter_add_(1, first, value)
+    out.scatter_add_(1, stop, -value)
+    return out.cumsum(1, dtype=torch.int32)
+
+
+def _fill_shortfall(word_span, word_len, n_words, shortfall, first_id: int, gen) -> torch.Tensor:
+    """Give uncovered words (``word_span`` −1), in random order, span ids of their own
+    (``first_id`` + a word count) until each row's ``shortfall`` tokens are covered."""
+    B, W = word_span.shape
+    device = word_span.device
+    free_word = (torch.arange(W, device=device)[None, :] < n_words[:, None]) & (word_span < 0)
+    order = torch.where(free_word, uniform((B, W), gen, device), float("inf")).argsort(dim=1)
+    o_free = free_word.gather(1, order)
+    f_len = word_len.gather(1, order) * o_free
+    add = o_free & ((f_len.cumsum(1) - f_len) < shortfall[:, None])
+    new_id = first_id + torch.arange(W, dtype=word_span.dtype, device=device).expand(B, W)
+    return word_span.scatter_(1, order, torch.where(add, new_id, word_span.gather(1, order)))
+
+
+def _span_codes(u: torch.Tensor, mask_token_frac: float, random_token_frac: float) -> torch.Tensor:
+    """80/10/10 per span from uniforms ``u``: 1 = [MASK], 2 = random token, 3 = unchanged."""
+    return 3 - (u < mask_token_frac + random_token_frac).int() - (u < mask_token_frac).int()
 
 
 def _shorten_last(taken, o_start, o_len, before, budget, wcum, max_span_words) -> torch.Tensor:
@@ -200,34 +218,52 @@ def _shorten_last(taken, o_start, o_len, before, budget, wcum, max_span_words) -
     return used.scatter_(1, last, torch.where(n_taken > 0, cut, 0))
 
 
-def _boundaries(masked: torch.Tensor, real: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """SBO indices from the runs of masked tokens: ``span_left`` / ``span_right`` (the tokens
-    just outside the run) and ``span_pos``; -1 off runs and on runs that touch the row's edge
-    or padding (``real``, None = no padding).
+def _apply_codes(tokens, code, gen, vocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``labels`` from the per-token codes (0 = not masked, 1 = [MASK],
+    2 = random token, 3 = unchanged), plus the flat positions of the masked tokens (increasing).
 
-    Works on the flat list of masked positions (about 15% of the tokens), so the only full-size
-    work is one ``nonzero`` and filling the three outputs."""
-    B, L = masked.shape
-    out = {k: torch.full((B * L,), -1, dtype=torch.long, device=masked.device)
-           for k in ("span_left", "span_right", "span_pos")}
-    flat = masked.view(-1).nonzero().squeeze(1)  # increasing
+    Only the masked tokens (about 15%) are touched after one ``nonzero``; random ids are drawn
+    in row-major order of the tokens that get one."""
+    B, L = tokens.shape
+    flat = code.view(-1).nonzero().squeeze(1)
+    c = code.view(-1).index_select(0, flat)
+    orig = tokens.view(-1).index_select(0, flat)
+    new = torch.where(c == 1, vocab.mask_id, orig)
+    to_random = c == 2
+    new.masked_scatter_(to_random, random_regular(vocab, (int(to_random.sum()),), gen, tokens.device))
+    input_ids = tokens.clone()
+    input_ids.view(-1).scatter_(0, flat, new)
+    labels = torch.full((B * L,), IGNORE_INDEX, dtype=torch.long, device=tokens.device)
+    return input_ids, labels.scatter_(0, flat, orig).view(B, L), flat
+
+
+def _boundaries(flat: torch.Tensor, B: int, L: int, real: torch.Tensor | None,
+                spare: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """SBO indices from the runs of masked tokens (``flat``: their increasing flat positions):
+    ``span_left`` / ``span_right`` (the tokens just outside the run) and ``span_pos``; -1 off
+    runs and on runs that touch the row's edge or padding (``real``, None = no padding).
+
+    ``spare``: a no longer needed int64 tensor of B·L entries, reused for ``span_left`` (memory
+    already touched is cheaper to fill than a fresh buffer)."""
+    left_out = spare.view(-1).fill_(-1) if spare is not None else \
+        torch.full((B * L,), -1, dtype=torch.long, device=flat.device)
+    out = {"span_left": left_out,
+           **{k: torch.full((B * L,), -1, dtype=torch.long, device=flat.device) for k in ("span_right", "span_pos")}}
     if flat.numel() > 0:
-        pos = flat % L
+        col = flat % L
         first = torch.ones_like(flat, dtype=torch.bool)
-        first[1:] = (flat[1:] != flat[:-1] + 1) | (pos[1:] == 0)
+        first[1:] = (flat[1:] != flat[:-1] + 1) | (col[1:] == 0)
         last = torch.ones_like(first)
         last[:-1] = first[1:]
-        run_start = torch.where(first, flat, 0).cummax(0).values
-        run_end = torch.where(last, flat, B * L).flip(0).cummin(0).values.flip(0)
-        left, right = run_start % L - 1, run_end % L + 1
+        span_pos = flat - torch.where(first, flat, 0).cummax(0).values
+        to_end = torch.where(last, flat, B * L).flip(0).cummin(0).values.flip(0) - flat
+        left, right = col - span_pos - 1, col + to_end + 1
         ok = (left >= 0) & (right < L)
         if real is not None:
             real = real.reshape(-1)
-            ok &= real[(run_start - 1).clamp(min=0)] & real[(run_end + 1).clamp(max=B * L - 1)]
-        at = flat[ok]
-        out["span_left"][at] = left[ok]
-        out["span_right"][at] = right[ok]
-        out["span_pos"][at] = (flat - run_start)[ok]
+            ok &= real[(flat - span_pos - 1).clamp(min=0)] & real[(flat + to_end + 1).clamp(max=B * L - 1)]
+        for key, value in (("span_left", left), ("span_right", right), ("span_pos", span_pos)):
+            out[key].scatter_(0, flat, torch.where(ok, value, -1))
     return {k: v.view(B, L) for k, v in out.items()}
 
 
