@@ -4,13 +4,15 @@
 
 Both loops train the same architecture (same init seed) on the same batches with the same
 optimizer, schedule, clipping and precision; lmkit's includes Lightning, logging, metrics,
-checkpoint callbacks and the progress bar off. Timing skips the first ``--warmup`` steps.
+checkpoint callbacks and the progress bar off. Each loop's rate comes from its median step
+interval (end of step to end of step, so nothing per step is left out) after ``--warmup`` steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +24,19 @@ from lmkit.api import build
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup):
-        self.warmup, self.t0, self.steps = warmup, None, 0
+    """Timestamps at the end of every training step (so intervals include all per-step work)."""
+
+    def __init__(self):
+        self.stamps = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            self.t0 = time.perf_counter()
-        elif trainer.global_step > self.warmup:
-            self.steps = trainer.global_step - self.warmup
-            self.elapsed = time.perf_counter() - self.t0
+        self.stamps.append(time.perf_counter())
+
+
+def median_rate(stamps, warmup, tokens_per_step):
+    """Tokens/s from the median step interval after ``warmup`` steps (robust to bursts of a shared machine)."""
+    intervals = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    return tokens_per_step / statistics.median(intervals)
 
 
 def lmkit_loop(overrides, steps, warmup):
@@ -38,11 +44,11 @@ def lmkit_loop(overrides, steps, warmup):
         built = build(overrides + [f"trainer.max_steps={steps}", "trainer.validate_at_start=false",
                                    f"trainer.val_check_interval={steps}", "trainer.val_batches=1",
                                    "trainer.progress_bar=false", "logger=csv", f"trainer.checkpoint_every_n_steps={steps}"], d)
-        timer = StepTimer(warmup)
+        timer = StepTimer()
         built.trainer.callbacks.append(timer)
         built.trainer.fit(built.module, datamodule=built.datamodule)
         tokens = built.datamodule.cfg.batch_size * built.datamodule.cfg.grad_accum * built.datamodule.seq_len
-        return tokens * timer.steps / timer.elapsed
+        return median_rate(timer.stamps, warmup, tokens)
 
 
 def plain_loop(overrides, steps, warmup):
@@ -55,12 +61,10 @@ def plain_loop(overrides, steps, warmup):
         optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         loader = dm.train_dataloader()
         model.train()
-        t0, done = None, 0
+        stamps = []
         for step, batch in enumerate(loader):
             if step == steps:
                 break
-            if step == warmup:
-                t0 = time.perf_counter()
             micro = batch["micro_batches"]
             total = sum(int((mb["labels"] != -100).sum()) for mb in micro)
             for mb in micro:
@@ -72,10 +76,9 @@ def plain_loop(overrides, steps, warmup):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            done = step + 1
-        elapsed = time.perf_counter() - t0
+            stamps.append(time.perf_counter())
         tokens = dm.cfg.batch_size * dm.cfg.grad_accum * dm.seq_len
-        return tokens * (done - warmup) / elapsed
+        return median_rate(stamps, warmup, tokens)
 
 
 def main():

@@ -7,7 +7,7 @@ workers; the same generator state gives the same output.
 """
 from lmkit.noise.bart import bart_noise
 from lmkit.noise.mlm import mlm_mask
-from lmkit.noise.prefix_lm import prefix_lm, prefix_lm_seq2seq, unilm_mask
+from lmkit.noise.prefix_lm import prefix_lm, prefix_lm_attention_mask, prefix_lm_seq2seq, unilm_mask
 from lmkit.noise.span_corruption import (
     random_spans_helper, random_spans_noise_mask, reconstruct, span_corruption,
 )
@@ -18,5 +18,5 @@ from lmkit.noise.vocab import NoiseVocab
 __all__ = [
     "NoiseVocab", "mlm_mask", "span_corruption", "random_spans_helper", "random_spans_noise_mask",
     "reconstruct", "spanbert_mask", "span_length_pmf", "expected_span_words", "bart_noise",
-    "prefix_lm", "prefix_lm_seq2seq", "unilm_mask", "ul2_denoise", "Denoiser", "UL2_DENOISERS",
+    "prefix_lm", "prefix_lm_attention_mask", "prefix_lm_seq2seq", "unilm_mask", "ul2_denoise", "Denoiser", "UL2_DENOISERS",
 ]

@@ -68,7 +68,8 @@ def unilm_mask(
     return mask
 
 
-def prefix_lm(tokens: torch.Tensor, gen: torch.Generator, vocab: NoiseVocab) -> dict[str, torch.Tensor]:
+def prefix_lm(tokens: torch.Tensor, gen: torch.Generator, vocab: NoiseVocab, *,
+              dense_mask: bool = True) -> dict[str, torch.Tensor]:
     """Decoder-only prefix LM on blocks of ``L + 1`` tokens (like causal LM's blocks).
 
     A row of ``n`` real tokens is split at ``s`` uniform in [1, n−1]: tokens ``[0, s)`` are
@@ -83,6 +84,9 @@ def prefix_lm(tokens: torch.Tensor, gen: torch.Generator, vocab: NoiseVocab) -> 
         ``t + 1 >= s`` (the rest), -100 on the prefix and padding; ``attn_mask`` bool
         [B, L, L]: query ``t`` may attend key ``j`` iff ``j < s`` or ``j <= t``;
         ``padding_mask`` bool [B, L] (True = real); ``prefix_len`` int64 [B] (= s).
+        With ``dense_mask=False`` there is no ``attn_mask``: it is a function of
+        ``prefix_len`` (:func:`prefix_lm_attention_mask`), cheaper to build where it is used
+        than to ship (256 rows of 512 make 67 MB).
     """
     check_tokens(tokens, vocab)
     check_gen(gen)
@@ -100,9 +104,15 @@ def prefix_lm(tokens: torch.Tensor, gen: torch.Generator, vocab: NoiseVocab) -> 
     in_loss = (t + 1 >= s[:, None]) & (t + 1 < n[:, None])
     labels = torch.where(in_loss, targets, IGNORE_INDEX)
     padding_mask = t < (n - 1)[:, None]
-    attn_mask = unilm_mask("seq2seq", L, segment_a_len=s)
-    return {"input_ids": input_ids, "labels": labels, "attn_mask": attn_mask, "padding_mask": padding_mask,
-            "prefix_len": s}
+    out = {"input_ids": input_ids, "labels": labels, "padding_mask": padding_mask, "prefix_len": s}
+    if dense_mask:
+        out["attn_mask"] = prefix_lm_attention_mask(s, L)
+    return out
+
+
+def prefix_lm_attention_mask(prefix_len: torch.Tensor, length: int) -> torch.Tensor:
+    """Bool [B, length, length] prefix-LM mask: query ``t`` sees key ``j`` iff ``j < s`` or ``j <= t``."""
+    return unilm_mask("seq2seq", length, segment_a_len=prefix_len)
 
 
 def prefix_lm_seq2seq(tokens: torch.Tensor, gen: torch.Generator, vocab: NoiseVocab) -> dict[str, torch.Tensor]:

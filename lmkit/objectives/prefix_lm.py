@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lmkit.errors import ConfigError
-from lmkit.noise import prefix_lm, prefix_lm_seq2seq
+from lmkit.noise import prefix_lm, prefix_lm_attention_mask, prefix_lm_seq2seq
 from lmkit.objectives._common import (
     add_decoder_inputs, check_special_name, mask_or_none, noise_vocab, seq2seq_loss, too_short,
 )
@@ -56,8 +56,8 @@ class PrefixLMCollator(Collator):
         self.vocab, self.form, self.start_id = vocab, form, start_id
 
     def __call__(self, blocks: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        if self.form == "decoder":
-            return prefix_lm(blocks, gen, self.vocab)
+        if self.form == "decoder":  # the [L, L] mask is built from prefix_len on the model's device
+            return prefix_lm(blocks, gen, self.vocab, dense_mask=False)
         return add_decoder_inputs(prefix_lm_seq2seq(blocks, gen, self.vocab), self.start_id, self.vocab.pad_id)
 
 
@@ -98,6 +98,8 @@ class PrefixLM(Objective):
     def loss(self, model, batch) -> LossOutput:
         if "decoder_input_ids" in batch:
             return seq2seq_loss(self, model, batch)
-        hidden = model(batch["input_ids"], padding_mask=mask_or_none(batch.get("padding_mask")),
-                       attn_mask=batch["attn_mask"])
+        attn_mask = batch.get("attn_mask")
+        if attn_mask is None:
+            attn_mask = prefix_lm_attention_mask(batch["prefix_len"], batch["input_ids"].shape[1])
+        hidden = model(batch["input_ids"], padding_mask=mask_or_none(batch.get("padding_mask")), attn_mask=attn_mask)
         return self.lm_nll(model.logits(hidden), batch["labels"])

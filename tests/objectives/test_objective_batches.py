@@ -253,6 +253,7 @@ def test_sentence_ends_byte_and_trained_tokenizers():
 
 # -- prefix_lm ----------------------------------------------------------------------------------------
 def test_prefix_lm_decoder_form():
+    from lmkit.noise import prefix_lm_attention_mask
     from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig
 
     obj = PrefixLM(PrefixLMConfig(), TOK)
@@ -262,13 +263,20 @@ def test_prefix_lm_decoder_form():
     blocks = text_blocks(8, 33, seed=7)
     b = obj.make_collator()(blocks, gen(7))
     s = b["prefix_len"]
-    assert b["input_ids"].shape == (8, 32) and b["attn_mask"].shape == (8, 32, 32)
+    assert b["input_ids"].shape == (8, 32) and "attn_mask" not in b  # built from prefix_len where it is used
     assert ((s >= 1) & (s <= 32)).all()
     assert torch.equal((b["labels"] != IGNORE_INDEX).sum(1), 33 - s)  # only the rest is predicted
+    mask = prefix_lm_attention_mask(s, 32)
     for r in range(8):  # the prefix is bidirectional, the rest causal
-        m = b["attn_mask"][r]
+        m = mask[r]
         assert m[0, : s[r]].all() and not m[s[r], s[r] + 1:].any()
     _finite_loss(obj, model, b)
+    # the loss is that of the model run with the dense mask
+    with torch.no_grad():
+        hidden = model(b["input_ids"], padding_mask=b["padding_mask"], attn_mask=mask)
+        expected = torch.nn.functional.cross_entropy(model.logits(hidden).flatten(0, 1), b["labels"].flatten(),
+                                                     reduction="sum")
+        torch.testing.assert_close(obj.loss(model, b).loss_sum, expected)
 
 
 def test_prefix_lm_encoder_decoder_form_and_form_checks():
