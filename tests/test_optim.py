@@ -71,3 +71,27 @@ def test_scheduler_is_stepped_per_optimizer_step(tmp_path, tiny):
     lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
     assert summary["steps"] == 4
     assert lrs == pytest.approx([3e-3 * f for f in (0.75, 0.5, 0.25, 0.0)])
+
+
+@pytest.mark.parametrize("optimizer, flags, expected", [
+    ("adamw", ["optimizer.fused=true"], {"fused": True}),
+    ("adam", ["optimizer.fused=true"], {"fused": True}),
+    ("sgd", ["optimizer.fused=true"], {"fused": True}),
+    ("adamw", ["optimizer.foreach=true"], {"foreach": True}),
+])
+def test_fused_and_foreach_optimizers_take_the_same_steps(tmp_path, tiny, optimizer, flags, expected):
+    """The fast kernels are selected by config and give the reference for-loop implementation's update."""
+    params = []
+    for i, extra in enumerate([["optimizer.foreach=false"], flags]):
+        built = build(tiny + [f"optimizer={optimizer}", "optimizer.weight_decay=0.1", *extra], tmp_path / str(i))
+        opt = built.module.configure_optimizers()["optimizer"]
+        for key, value in expected.items():
+            assert opt.defaults[key] is value if i else not opt.defaults.get(key)
+        torch.manual_seed(0)
+        for p in built.module.parameters():
+            p.grad = torch.randn_like(p)
+        for _ in range(3):
+            opt.step()
+        params.append([p.detach().clone() for p in built.module.parameters()])
+    for plain, fast in zip(*params):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
