@@ -48,6 +48,10 @@ def test_mlm_frames_blocks_and_labels_only_the_selected_positions():
     model = tiny_model("bert", TOK.vocab_size)
     out = _finite_loss(_attached(obj, model), model, b)
     assert not any(p.requires_grad for p in model.pooler.parameters())  # unused by MLM: frozen (DDP-safe)
+    with torch.no_grad():  # the head runs on the selected rows only, and gives the full-logits loss there
+        full = torch.nn.functional.cross_entropy(model.logits(obj.encode(model, b)).flatten(0, 1), b["labels"].flatten(),
+                                                 reduction="sum")
+    torch.testing.assert_close(out.loss_sum.detach(), full, rtol=1e-5, atol=1e-4)
     logits = model.logits(model(b["input_ids"]))
     ref = torch.nn.functional.cross_entropy(logits[sel], framed[sel])
     assert (out.loss_sum / out.n_targets).item() == pytest.approx(ref.item(), rel=1e-5)
