@@ -68,3 +68,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if dist.is_initialized():  # tear gloo down before interpreter exit (a race there can abort a rank)
+        dist.barrier()
+        dist.destroy_process_group()

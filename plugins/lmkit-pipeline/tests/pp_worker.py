@@ -131,3 +131,6 @@ if __name__ == "__main__":
         resume(out, rest[0], rest[1], rest[2], rest[3], rest[4:])
     else:
         raise SystemExit(f"unknown mode {mode}")
+    if dist.is_initialized():  # tear gloo down before interpreter exit (a race there can abort a rank)
+        dist.barrier()
+        dist.destroy_process_group()
