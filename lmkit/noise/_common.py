@@ -49,23 +49,28 @@ def check_mask_like(mask, tokens: torch.Tensor, name: str) -> torch.Tensor:
     return mask.to(device=tokens.device, dtype=torch.bool)
 
 
-def check_open_unit(name: str, value: float, hint: str = "") -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be strictly between 0 and 1, got {value!r}{hint}")
+def check_open_unit(name: str, value: float, hint: str = "", error: type[Exception] = ValueError) -> None:
+    """``value`` must be a number in (0, 1); raises ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise error(f"{name} must be strictly between 0 and 1, got {value!r}{hint}")
 
 
-def check_unit(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be between 0 and 1 (inclusive), got {value!r}")
+def check_unit(name: str, value: float, below_one: bool = False, error: type[Exception] = ValueError) -> None:
+    """``value`` must be a number in [0, 1] (or [0, 1) with ``below_one``); raises ``error`` naming ``name``."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or not (0.0 <= float(value) and (float(value) < 1.0 if below_one else float(value) <= 1.0)):
+        raise error(f"{name} must be in {'[0, 1)' if below_one else '[0, 1]'}, got {value!r}")
 
 
-def check_fracs(mask_token_frac: float, random_token_frac: float) -> None:
-    check_unit("mask_token_frac", mask_token_frac)
-    check_unit("random_token_frac", random_token_frac)
+def check_fracs(mask_token_frac: float, random_token_frac: float, prefix: str = "",
+                error: type[Exception] = ValueError) -> None:
+    """The 80/10/10 shares: each in [0, 1], together at most 1 (names prefixed with ``prefix``)."""
+    check_unit(f"{prefix}mask_token_frac", mask_token_frac, error=error)
+    check_unit(f"{prefix}random_token_frac", random_token_frac, error=error)
     if mask_token_frac + random_token_frac > 1.0 + 1e-12:
-        raise ValueError(
-            f"mask_token_frac + random_token_frac = {mask_token_frac + random_token_frac} exceeds 1; the rest "
-            "(1 - both) is the share of selected tokens left unchanged, e.g. 0.8 / 0.1 leaves 0.1"
+        raise error(
+            f"{prefix}mask_token_frac + {prefix}random_token_frac = {mask_token_frac + random_token_frac} exceeds 1; "
+            "the rest (1 - both) is the share of selected tokens left unchanged, e.g. BERT's 0.8 / 0.1 leaves 0.1"
         )
 
 

@@ -6,6 +6,7 @@ import torch
 
 from lmkit.errors import ConfigError
 from lmkit.noise import NoiseVocab
+from lmkit.noise import _common as noise_checks
 from lmkit.objectives.base import IGNORE_INDEX, LossOutput
 from lmkit.tokenizers.base import SPECIAL_TOKENS
 
@@ -14,16 +15,11 @@ MLM_MODES = ("exact", "roberta", "bernoulli")
 
 # -- config checks (raise ConfigError naming the key, so a bad value fails before training) ----------
 def check_open_unit(key: str, value, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ConfigError(f"objective.{key} must be strictly between 0 and 1, got {value!r}{hint}")
+    noise_checks.check_open_unit(f"objective.{key}", value, hint, error=ConfigError)
 
 
 def check_unit(key: str, value, below_one: bool = False) -> None:
-    hi_ok = (lambda v: v < 1.0) if below_one else (lambda v: v <= 1.0)
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not numeric or not (0.0 <= float(value) and hi_ok(float(value))):
-        bound = "[0, 1)" if below_one else "[0, 1]"
-        raise ConfigError(f"objective.{key} must be in {bound}, got {value!r}")
+    noise_checks.check_unit(f"objective.{key}", value, below_one, error=ConfigError)
 
 
 def check_span_length(key: str, value) -> None:
@@ -32,13 +28,7 @@ def check_span_length(key: str, value) -> None:
 
 
 def check_fracs(mask_token_frac: float, random_token_frac: float) -> None:
-    check_unit("mask_token_frac", mask_token_frac)
-    check_unit("random_token_frac", random_token_frac)
-    if mask_token_frac + random_token_frac > 1.0 + 1e-12:
-        raise ConfigError(
-            f"objective.mask_token_frac + objective.random_token_frac = {mask_token_frac + random_token_frac} "
-            "exceeds 1 (the rest is the share of selected tokens left unchanged; BERT: 0.8 / 0.1)"
-        )
+    noise_checks.check_fracs(mask_token_frac, random_token_frac, prefix="objective.", error=ConfigError)
 
 
 def check_mlm_fields(cfg) -> None:

@@ -201,7 +201,7 @@ def test_deterministic(vocab):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"mask_ratio": 1.0}, "mask_ratio must be below 1"),
-    ({"mask_ratio": -0.1}, "mask_ratio must be between 0 and 1"),
+    ({"mask_ratio": -0.1}, r"mask_ratio must be in \[0, 1\]"),
     ({"poisson_lambda": 0.0}, "poisson_lambda must be a positive number"),
     ({"random_ratio": 1.5}, "random_ratio"),
     ({"permute_sentence_ratio": 0.5}, "needs sentence_ends"),

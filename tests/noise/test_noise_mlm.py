@@ -169,7 +169,7 @@ def test_deterministic(vocab):
     ({"whole_word": True}, "word_starts is required"),
     ({"whole_word": True, "word_starts": torch.ones(3, 3, dtype=torch.bool)}, "shaped like tokens"),
     ({"mask_token_frac": 0.9, "random_token_frac": 0.2}, "exceeds 1"),
-    ({"random_token_frac": -0.1}, "random_token_frac must be between 0 and 1"),
+    ({"random_token_frac": -0.1}, r"random_token_frac must be in \[0, 1\]"),
 ])
 def test_bad_arguments(vocab, kwargs, match):
     with pytest.raises(ValueError, match=match):
