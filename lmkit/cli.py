@@ -127,19 +127,10 @@ def _run_hydra(config_dirs: list[str], args) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else _fail(e.code)
     finally:
-        _close_process_group()
+        from lmkit.train import close_process_group
+
+        close_process_group()
     return state["rc"]
-
-
-def _close_process_group() -> None:
-    """Destroy the process group before interpreter exit: gloo torn down at exit can abort a rank."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a peer already gone: nothing left to tear down cleanly
-            pass
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Build every piece of a run from a validated config, and train."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import difflib
 import os
@@ -118,9 +119,24 @@ def _wandb_logged_in() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if any: gloo torn down at interpreter exit can abort a rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to tear down cleanly
+            pass
+
+
 def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     """Everything the run needs, checked before any training step (and before writing files)."""
     L.seed_everything(run.seed, workers=True, verbose=False)
+    # the process group Lightning creates for this run outlives it; tear it down before the
+    # interpreter does (for API users under torchrun; the CLI also does so when it returns)
+    atexit.unregister(close_process_group)
+    atexit.register(close_process_group)
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else default_cache_dir()
     ckpt_path, notes = (None, [])
     if run.resume == "auto":  # same command for the first start and every restart (fixed hydra.run.dir)
