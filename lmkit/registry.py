@@ -1,11 +1,10 @@
 """Registries: one per kind of component, filled by plugins through the hooks."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lmkit.errors import ConfigError, PluginError
+from lmkit.errors import ConfigError, PluginError, did_you_mean
 
 KINDS = ("objective", "architecture", "optimizer", "scheduler", "strategy", "tokenizer", "dataset", "callback",
          "model_extension")
@@ -69,8 +68,7 @@ class Registry:
 
     def unknown_message(self, name: str) -> str:
         names = sorted(self._items)
-        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, names)
         available = ", ".join(f"{n} ({self._items[n].provider})" for n in names) or "none"
         msg = f"unknown {self.kind} '{name}'.{hint} Available: {available}."
         if self.failed:

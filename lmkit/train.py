@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
@@ -19,7 +17,7 @@ from lmkit.checkpoint import (CHECKPOINT_DIR, AtomicCheckpointIO, check_checkpoi
 from lmkit.config.validate import RunConfig
 from lmkit.data.cache import default_cache_dir
 from lmkit.data.datamodule import LMDataModule
-from lmkit.errors import CheckpointError, ConfigError
+from lmkit.errors import CheckpointError, ConfigError, did_you_mean
 from lmkit.module import LMModule
 from lmkit.preemption import Preemption
 from lmkit.tokenizers.trained import load_tokenizer_file
@@ -72,9 +70,7 @@ def compile_model(model, backend: str, mode: str) -> None:
 
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:
-        close = difflib.get_close_matches(backend, backends, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend.{hint} "
+        raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend.{did_you_mean(backend, backends)} "
                           f"Available: {', '.join(backends)}")
     model.compile(backend=backend, mode=None if mode == "default" else mode)
 

@@ -5,7 +5,6 @@ directory, and without suggestions; lmkit checks them first and says what to wri
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, did_you_mean
 
 GROUPS = ("model", "objective", "optimizer", "scheduler", "data", "tokenizer", "trainer", "strategy", "logger", "experiment")
 
@@ -59,11 +58,6 @@ def group_options(config_dirs: list[str]) -> dict[str, list[str]]:
     return {g: sorted(v) for g, v in options.items()}
 
 
-def _suggest(value: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=()) -> ParsedArgs:
     """Validate group choices; fill ``args.group_choices``. Raises ConfigError with a fix.
 
@@ -97,7 +91,7 @@ def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=(
         for value in values:
             if value not in options[key] and value != "null":
                 raise ConfigError(
-                    f"unknown {key} '{value}'.{_suggest(value, options[key])} "
+                    f"unknown {key} '{value}'.{did_you_mean(value, options[key])} "
                     f"Available for {key}=: {', '.join(options[key]) or 'none'}."
                 )
         args.group_choices[key] = values
@@ -126,8 +120,7 @@ def _missing_key_message(cfg: DictConfig, dotted: str) -> str | None:
         if part not in node:
             siblings = [str(k) for k in node.keys()]
             where = ".".join(parts[:i]) or "the root"
-            close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.6)
-            hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
+            hint = did_you_mean(part, siblings, cutoff=0.6, prefix="".join(p + "." for p in parts[:i]))
             return (f"unknown config key '{dotted}': '{part}' is not a key of {where}.{hint} "
                     f"(To add a new key on purpose, write '+{dotted}=...'.)")
         node = node[part]

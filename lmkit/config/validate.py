@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmkit.config.schema import TOP_LEVEL_KEYS, DataConfig, LoggerConfig, TrainerConfig
-from lmkit.errors import ConfigError, LmkitError
+from lmkit.errors import ConfigError, LmkitError, did_you_mean
 from lmkit.registry import Component
 
 DEFAULT_OBJECTIVE = "causal_lm"
@@ -53,8 +52,7 @@ def typed_section(section_name: str, node, schema: type | None):
         data.pop("name", None)
     for key in data:
         if key not in field_names:
-            close = difflib.get_close_matches(key, sorted(field_names), n=1, cutoff=0.6)
-            hint = f" Did you mean '{section_name}.{close[0]}'?" if close else ""
+            hint = did_you_mean(key, field_names, cutoff=0.6, prefix=f"{section_name}.")
             raise ConfigError(f"unknown config key '{section_name}.{key}'.{hint} Valid keys: {', '.join(sorted(field_names))}.")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
@@ -113,8 +111,7 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     """Validate the whole composed config against the registries and schemas."""
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(TOP_LEVEL_KEYS), n=1, cutoff=0.6)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(str(key), TOP_LEVEL_KEYS, cutoff=0.6)
             raise ConfigError(f"unknown top-level config key '{key}'.{hint}")
     objective, objective_c = _component_section(cfg, pm, "objective", "objective", DEFAULT_OBJECTIVE)
     model_node, extensions = _split_model_extensions(cfg.get("model"), pm)
