@@ -29,8 +29,8 @@ from torch import nn
 
 from lmkit.models.bert import MLMHead
 from lmkit.models.init import initialize
-from lmkit.models.layers import (Pooler, PostLNBlock, build_attention_bias, document_attention_mask,
-                                 document_positions, require_vocab_size, sum_embeddings)
+from lmkit.models.layers import (Pooler, PostLNBlock, apply_documents, build_attention_bias, require_vocab_size,
+                                 sum_embeddings)
 
 ALBERT_SHARE_MODES = ("all", "attention", "ffn", "none")
 
@@ -112,10 +112,7 @@ class ALBERT(nn.Module):
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
                 decoder_input_ids=None, decoder_padding_mask=None, document_ids=None):
         T = input_ids.shape[1]
-        position_ids = None
-        if document_ids is not None:  # attention inside each packed document, positions restart
-            attn_mask = document_attention_mask(document_ids, False, attn_mask)
-            position_ids = document_positions(document_ids)
+        attn_mask, position_ids = apply_documents(document_ids, False, attn_mask)
         x = self.embed(input_ids, token_type_ids, position_ids)
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, False, T, T, input_ids.device)
         for block in self.blocks:

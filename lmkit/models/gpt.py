@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from lmkit.models.init import initialize
-from lmkit.models.layers import (MLP, SelfAttention, build_attention_bias, document_attention_mask,
-                                 document_positions, sum_embeddings)
+from lmkit.models.layers import MLP, SelfAttention, apply_documents, build_attention_bias, sum_embeddings
 
 
 @dataclass
@@ -70,10 +69,7 @@ class GPT(nn.Module):
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
                 decoder_input_ids=None, decoder_padding_mask=None, document_ids=None):
         T = input_ids.shape[1]
-        position_ids = None
-        if document_ids is not None:
-            attn_mask = document_attention_mask(document_ids, True, attn_mask)
-            position_ids = document_positions(document_ids)
+        attn_mask, position_ids = apply_documents(document_ids, True, attn_mask)
         x = self.drop(sum_embeddings(input_ids, self.wte, self.wpe, max_seq_len=self.max_seq_len,
                                      position_ids=position_ids))
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, True, T, T, input_ids.device)

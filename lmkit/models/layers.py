@@ -52,6 +52,18 @@ def document_attention_mask(document_ids: torch.Tensor, causal: bool,
     return mask.tril() if causal else mask
 
 
+def apply_documents(document_ids: torch.Tensor | None, causal: bool,
+                    attn_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(attn_mask, position_ids)`` for an architecture's forward given optional ``document_ids``.
+
+    Without document ids both pass through (``attn_mask`` unchanged, default positions);
+    with them, attention is kept inside each document and positions restart at each one.
+    """
+    if document_ids is None:
+        return attn_mask, None
+    return document_attention_mask(document_ids, causal, attn_mask), document_positions(document_ids)
+
+
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     """Position ids [B, T] that restart at 0 at the first token of every document."""
     T = document_ids.shape[1]

@@ -56,12 +56,12 @@ class CausalLM(Objective):
 
     kinds = ("decoder",)
 
-    def block_layout(self, seq_len: int) -> tuple[int, int]:
-        return seq_len + 1, seq_len
-
     def __init__(self, cfg: CausalLMConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.eos_id = tokenizer.eos_id
+
+    def block_layout(self, seq_len: int) -> tuple[int, int]:
+        return seq_len + 1, seq_len
 
     def make_collator(self) -> Collator:
         return CausalLMCollator(self.eos_id if self.cfg.document_mask else None)
