@@ -96,38 +96,50 @@ class CheckpointLayout:
             out.extend(f.parts if f is not None else [n])
         return out
 
+    def _fold(self, entries: dict, fused_entry) -> dict:
+        """``entries`` keyed by parallel names -> keyed by checkpoint names, in order.
+
+        A fusion's parts become one entry, ``fused_entry(fusion, first part's value)``, where
+        its first part was; the fusion is left out when that returns None.
+        """
+        out = {}
+        for name, value in entries.items():
+            f = self._part_of.get(name)
+            if f is None:
+                out[name] = value
+            elif name == f.parts[0]:
+                fused = fused_entry(f, value)
+                if fused is not None:
+                    out[f.fused] = fused
+        return out
+
     # -- model state ----------------------------------------------------------------
     def fuse_state(self, state: dict, to_cpu: bool = False) -> dict:
         """Parallel-model state -> checkpoint layout (fused tensors are whole, plain tensors;
         on the CPU with ``to_cpu``)."""
         if not self:
             return state
-        out = {}
-        for name, value in state.items():
-            f = self._part_of.get(name)
-            if f is None:
-                out[name] = value
-            elif name == f.parts[0]:
-                if all(p in state for p in f.parts):
-                    fused = torch.cat([_full(state[p]) for p in f.parts], dim=f.dim)
-                    out[f.fused] = fused.cpu() if to_cpu else fused
-        return out
+
+        def fused(f, _):
+            if not all(p in state for p in f.parts):
+                return None
+            whole = torch.cat([_full(state[p]) for p in f.parts], dim=f.dim)
+            return whole.cpu() if to_cpu else whole
+
+        return self._fold(state, fused)
 
     def placeholders(self, state: dict) -> dict:
         """The checkpoint-layout state to load into: ``state``'s own tensors, fused entries as whole empty tensors."""
         if not self:
             return state
-        out = {}
-        for name, value in state.items():
-            f = self._part_of.get(name)
-            if f is None:
-                out[name] = value
-            elif name == f.parts[0]:
-                shapes = [state[p].shape for p in f.parts]
-                shape = list(shapes[0])
-                shape[f.dim] = sum(s[f.dim] for s in shapes)
-                out[f.fused] = torch.zeros(shape, dtype=value.dtype)
-        return out
+
+        def placeholder(f, value):
+            shapes = [state[p].shape for p in f.parts]
+            shape = list(shapes[0])
+            shape[f.dim] = sum(s[f.dim] for s in shapes)
+            return torch.zeros(shape, dtype=value.dtype)
+
+        return self._fold(state, placeholder)
 
     def split_state(self, loaded: dict, reference: dict) -> dict:
         """Checkpoint-layout ``loaded`` -> the parallel model's state, each part laid out like ``reference``."""
@@ -155,14 +167,14 @@ class CheckpointLayout:
         if not self or "state" not in osd:
             return osd
         state = osd["state"]
-        new_state = {}
-        for name, value in state.items():
-            f = self._part_of.get(name)
-            if f is None:
-                new_state[name] = value
-            elif name == f.parts[0] and all(p in state for p in f.parts):
-                fused = _fuse_param_state([state[p] for p in f.parts], f.dim)
-                new_state[f.fused] = {k: v.cpu() if to_cpu and isinstance(v, torch.Tensor) else v for k, v in fused.items()}
+
+        def fused(f, _):
+            if not all(p in state for p in f.parts):
+                return None
+            whole = _fuse_param_state([state[p] for p in f.parts], f.dim)
+            return {k: v.cpu() if to_cpu and isinstance(v, torch.Tensor) else v for k, v in whole.items()}
+
+        new_state = self._fold(state, fused)
         groups = [{**g, "params": self.plain_names(g["params"])} for g in osd["param_groups"]]
         return {**osd, "state": new_state, "param_groups": groups}
 
@@ -170,16 +182,10 @@ class CheckpointLayout:
         if not self:
             return osd
         state = osd["state"]
-        new_state = {}
-        for name, value in state.items():
-            f = self._part_of.get(name)
-            if f is None:
-                new_state[name] = value
-            elif name == f.parts[0]:
-                new_state[f.fused] = {
-                    k: (v.detach().clone() if v.dim() == 0 else torch.zeros(_fused_shape([state[p][k] for p in f.parts], f.dim), dtype=v.dtype))
-                    for k, v in value.items() if isinstance(v, torch.Tensor)
-                }
+        new_state = self._fold(state, lambda f, value: {
+            k: (v.detach().clone() if v.dim() == 0 else torch.zeros(_fused_shape([state[p][k] for p in f.parts], f.dim), dtype=v.dtype))
+            for k, v in value.items() if isinstance(v, torch.Tensor)
+        })
         groups = [{**g, "params": self.plain_names(g["params"])} for g in osd["param_groups"]]
         return {**osd, "state": new_state, "param_groups": groups}
 
