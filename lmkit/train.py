@@ -68,10 +68,10 @@ def compile_model(model, backend: str, mode: str) -> None:
     """
     import torch._dynamo
 
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in backends:
-        raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend.{did_you_mean(backend, backends)} "
-                          f"Available: {', '.join(backends)}")
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # debug backends (aot_eager, ...) are valid too
+        common = torch._dynamo.list_backends()
+        raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend.{did_you_mean(backend, common)} "
+                          f"Common ones: {', '.join(common)} (debugging: eager, aot_eager).")
     model.compile(backend=backend, mode=None if mode == "default" else mode)
 
 
