@@ -1,5 +1,3 @@
-import sys
+from lmkit.cli import entry
 
-from lmkit.cli import main
-
-sys.exit(main())
+entry()

@@ -1,4 +1,9 @@
-"""Programmatic runs: the same compose → validate → train path as the CLI, without Hydra's launcher."""
+"""Programmatic runs: the same compose → validate → train path as the CLI, without Hydra's launcher.
+
+A script that runs distributed (under torchrun) should end with
+``lmkit.process_exit.exit_process(0)``, as the CLI does, so that a finished rank is not
+aborted during interpreter finalization (see that module).
+"""
 from __future__ import annotations
 
 from pathlib import Path

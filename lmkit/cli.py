@@ -127,11 +127,18 @@ def _run_hydra(config_dirs: list[str], args) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else _fail(e.code)
     finally:
-        from lmkit.train import close_process_group
+        from lmkit.process_exit import close_process_group
 
         close_process_group()
     return state["rc"]
 
 
+def entry() -> None:
+    """The ``lmkit`` command and ``python -m lmkit``: :func:`main`, then an exit safe after distributed runs."""
+    from lmkit.process_exit import exit_cli
+
+    exit_cli(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

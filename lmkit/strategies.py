@@ -36,3 +36,21 @@ def build_ddp(cfg) -> StrategyPlan:
 
     return StrategyPlan(DDPStrategy(process_group_backend=cfg.process_group_backend,
                                     find_unused_parameters=cfg.find_unused_parameters))
+
+
+def data_parallel_world(trainer) -> tuple[int, int]:
+    """(rank, size) among the data-parallel replicas of ``trainer``'s run.
+
+    Tensor-parallel peers and the stages of one pipeline read the same batches, so they count
+    as one replica; strategies that have such dimensions say so in
+    ``distributed_sampler_kwargs`` (Lightning's ModelParallelStrategy, lmkit-pipeline).
+    """
+    if trainer is None:
+        return 0, 1
+    try:
+        kwargs = trainer.strategy.distributed_sampler_kwargs
+    except (AttributeError, RuntimeError):
+        kwargs = None
+    if kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return trainer.global_rank, trainer.world_size

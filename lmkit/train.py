@@ -20,6 +20,7 @@ from lmkit.data.datamodule import LMDataModule
 from lmkit.errors import CheckpointError, ConfigError, did_you_mean
 from lmkit.module import LMModule
 from lmkit.preemption import Preemption
+from lmkit.process_exit import close_process_group
 from lmkit.tokenizers.trained import load_tokenizer_file
 
 
@@ -113,17 +114,6 @@ def _keep_previous_csv(path: Path) -> None:
 def _wandb_logged_in() -> bool:
     netrc = Path.home() / ".netrc"
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def close_process_group() -> None:
-    """Destroy the default process group, if any: gloo torn down at interpreter exit can abort a rank."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a peer already gone: nothing left to tear down cleanly
-            pass
 
 
 def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
@@ -230,6 +220,8 @@ def train(run: RunConfig, pm, run_dir: Path) -> dict:
     built = build_run(run, pm, run_dir)
     save_run_files(run, built, run_dir)
     trainer, module, dm = built.trainer, built.module, built.datamodule
+    # counted before fit: parallelism plugins then leave each rank only its shard or stage
+    n_params = sum(p.numel() for p in module.model.parameters())
     start = end = preempted = None
     try:
         if built.ckpt_path is None and run.trainer.validate_at_start and run.data.val_fraction > 0:
@@ -243,7 +235,6 @@ def train(run: RunConfig, pm, run_dir: Path) -> dict:
         callback = next(c for c in trainer.callbacks if isinstance(c, Preemption))
         preempted = callback.info or {"signal": callback.signal_name or "SIGTERM", "step": trainer.global_step,
                                       "checkpoint": None}
-    n_params = sum(p.numel() for p in module.model.parameters())
     return {"start": start, "end": end, "steps": trainer.global_step, "params": n_params, "preempted": preempted,
             "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR)}
 

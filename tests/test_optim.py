@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lmkit.api import build
-from lmkit.models.gpt import GPT, GPTConfig
 from lmkit.optim.optimizers import OptimizerConfig, build_adafactor
 from lmkit.optim.schedulers import WarmupDecay
 

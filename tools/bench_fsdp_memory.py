@@ -76,8 +76,12 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
         row = {"rank": rank, "params": params, "grads": grads, "optim": state, "full_params": full_params}
         with open(os.path.join(out_dir, f"{world}_{rank}.json"), "w") as f:
             json.dump(row, f)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from lmkit.process_exit import exit_process
+
+    exit_process(0)  # gloo threads alive at interpreter finalization can abort a rank
 
 
 def _free_port() -> int:

@@ -56,7 +56,7 @@ def plain_loop(overrides, steps, warmup):
     with tempfile.TemporaryDirectory() as d:
         built = build(overrides, d)
         module, dm = built.module, built.datamodule
-        model, objective = module.model, module.objective
+        model = module.model
         opt = module.configure_optimizers()
         optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         loader = dm.train_dataloader()

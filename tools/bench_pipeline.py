@@ -154,8 +154,10 @@ def main() -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
+        from lmkit.process_exit import exit_process
+
         worker(a, a.worker)
-        return 0
+        exit_process(0)  # gloo threads alive at interpreter finalization can abort a rank
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pp-"))
     out = tmp / "bench.json"

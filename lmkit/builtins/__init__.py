@@ -1,8 +1,6 @@
 """lmkit's built-in components, registered through the same hooks as any plugin."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from lmkit.plugins import hookimpl
 from lmkit.registry import Component
 

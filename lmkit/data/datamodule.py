@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from lmkit.data.cache import load_tokens
 from lmkit.data.sampler import SequentialBatchSampler, StepBatchSampler
 from lmkit.errors import DataError
+from lmkit.strategies import data_parallel_world
 
 _SEED_STRIDE = 1_000_003
 
@@ -106,16 +107,7 @@ class LMDataModule(L.LightningDataModule):
 
     def _world(self) -> tuple[int, int]:
         """(rank, size) among the data-parallel replicas: tensor-parallel peers read the same data."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        try:  # ModelParallelStrategy: the data-parallel dimension of its device mesh
-            kwargs = trainer.strategy.distributed_sampler_kwargs
-        except (AttributeError, RuntimeError):
-            kwargs = None
-        if kwargs:
-            return int(kwargs["rank"]), int(kwargs["num_replicas"])
-        return trainer.global_rank, trainer.world_size
+        return data_parallel_world(self.trainer)
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
         return DataLoader(

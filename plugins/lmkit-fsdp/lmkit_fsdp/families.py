@@ -107,7 +107,7 @@ def plan_for(model: nn.Module, tp: int, arch_name: str | None = None) -> TensorP
                 problems.append(p)
     if problems:
         raise ConfigError(f"strategy.tensor_parallel_size={tp} does not fit architecture '{arch}': "
-                          + "; ".join(problems) + f". Choose a tensor_parallel_size that divides them.")
+                          + "; ".join(problems) + ". Choose a tensor_parallel_size that divides them.")
     return chosen
 
 

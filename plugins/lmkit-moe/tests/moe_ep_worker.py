@@ -130,5 +130,9 @@ def worker(rank, world, port):
     try:
         checks(rank, world)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from lmkit.process_exit import exit_process
+
+    exit_process(0)  # not a plain return: gloo threads alive at interpreter finalization can abort a rank

@@ -67,7 +67,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from lmkit.process_exit import exit_process
+
     main(sys.argv[1:])
-    if dist.is_initialized():  # tear gloo down before interpreter exit (a race there can abort a rank)
+    if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    exit_process(0)  # not a plain return: gloo threads alive at interpreter finalization can abort a rank

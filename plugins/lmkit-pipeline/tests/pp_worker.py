@@ -131,6 +131,8 @@ if __name__ == "__main__":
         resume(out, rest[0], rest[1], rest[2], rest[3], rest[4:])
     else:
         raise SystemExit(f"unknown mode {mode}")
-    if dist.is_initialized():  # tear gloo down before interpreter exit (a race there can abort a rank)
+    from lmkit.process_exit import exit_process
+
+    if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    exit_process(0)  # not a plain return: gloo threads alive at interpreter finalization can abort a rank
