@@ -124,3 +124,17 @@ def test_cli_contract_command(launcher, tmp_path):
     assert "trained 2 steps" in proc.stdout
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
+
+
+@pytest.mark.parametrize("strategy", [["strategy=fsdp", "data.batch_size=4"],  # 2 data-parallel ranks
+                                      ["strategy=fsdp_tp", "strategy.tensor_parallel_size=2", "data.batch_size=8"]],
+                         ids=["fsdp", "fsdp_tp"])
+def test_chunked_lm_head_loss_matches_the_reference(launcher, reference, strategy):
+    """``objective.chunked_ce`` (fused LM head + loss over token chunks) with the head's weight
+    sharded by FSDP (and with tensor-parallel blocks): same losses and parameters as the plain
+    single-process run."""
+    name = strategy[0].split("=")[1]
+    r = launcher.run(f"{name}_chunked", strategy + ["trainer.max_steps=3", "trainer.devices=2", "+objective=causal_lm",
+                                                   "objective.chunked_ce=16"], nproc=2)
+    assert_losses(r["losses"], reference["losses"][:3], f"{name} chunked_ce")
+    assert max_param_diff(r["state"], reference["params_at"][3]) < TOL
