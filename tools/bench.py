@@ -135,7 +135,14 @@ def _model_cases(tf, vocab: dict, chunked_ce: int, B: int, T: int, L: int = 4, D
     t5 = T5(T5Config(n_layer=L, n_head=H, d_model=D, vocab_size=V, max_seq_len=T))
     hf_t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=D, d_kv=D // H, d_ff=4 * D, num_layers=L,
                                                       num_heads=H, dropout_rate=0, decoder_start_token_id=0))
-    cases.append(("T5", t5, lambda: ce(t5.logits(t5(tids, decoder_input_ids=dec_ids)).flatten(0, 1), dec_ids.flatten()),
+    if chunked_ce:  # objective.chunked_ce on T5: tied head rescaled by head_input, then fused with the loss
+        def t5_loss(t5=t5):
+            hidden = t5.head_input(t5(tids, decoder_input_ids=dec_ids))
+            return linear_cross_entropy(hidden, t5.output_embedding(), dec_ids, chunked_ce) / dec_ids.numel()
+    else:
+        def t5_loss(t5=t5):
+            return ce(t5.logits(t5(tids, decoder_input_ids=dec_ids)).flatten(0, 1), dec_ids.flatten())
+    cases.append(("T5", t5, t5_loss,
                   hf_t5, lambda: hf_t5(input_ids=tids, decoder_input_ids=dec_ids, labels=dec_ids).loss,
                   B * (T + T // 4)))
     return cases
@@ -161,7 +168,7 @@ def bench_models(quick: bool) -> list[dict]:
         for name, ours, our_loss, theirs, their_loss, tokens in _model_cases(tf, vocab, chunked, B, T):
             ours_step = _train_step(our_loss, ours.parameters())
             t_ours, t_hf = _timeit_pair(ours_step, _train_step(their_loss, theirs.parameters()), min_time=min_time)
-            row = {"model": name, "setting": setting, "vocab": vocab[name.lower()], "chunked_ce": chunked if name == "GPT" else 0,
+            row = {"model": name, "setting": setting, "vocab": vocab[name.lower()], "chunked_ce": chunked if name in ("GPT", "T5") else 0,
                    "lmkit_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf, "ratio": t_hf / t_ours,
                    "params_lmkit": sum(p.numel() for p in ours.parameters()),
                    "params_hf": sum(p.numel() for p in theirs.parameters())}

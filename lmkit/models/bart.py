@@ -74,6 +74,7 @@ class BART(nn.Module):
     """BART encoder–decoder. ``forward`` needs ``decoder_input_ids`` (the shifted targets)."""
 
     kind = "encoder_decoder"
+    logits_are_linear = True  # logits(h) == h @ output_embedding().T: objectives may fuse head and loss
 
     def __init__(self, cfg: BARTConfig):
         super().__init__()

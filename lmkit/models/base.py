@@ -21,8 +21,9 @@ Contract (plugin authors build against it):
 * ``output_embedding() -> Tensor[V, d_model]``: the weight that maps hidden states to
   vocabulary logits (tied to the input embedding where the architecture ties).
 * ``logits(hidden) -> Tensor[..., V]``: the architecture's own LM head. An architecture
-  whose head is exactly ``hidden @ output_embedding().T`` (no bias, no scaling) may set
-  ``logits_are_linear = True``; objectives then may fuse the head with the loss.
+  whose head is exactly ``head_input(hidden) @ output_embedding().T`` (no bias; the
+  optional ``head_input`` is a per-row map such as T5's rescaling, identity when absent)
+  may set ``logits_are_linear = True``; objectives then may fuse the head with the loss.
 * ``transformer_blocks() -> list[nn.Module]``: every block, in order (encoder first).
   Each block has ``.attn`` and ``.mlp`` sub-modules; ``.mlp`` maps [B, T, D] -> [B, T, D]
   and may be swapped for another module of that signature (the mixture-of-experts

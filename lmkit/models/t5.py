@@ -170,6 +170,7 @@ class T5(nn.Module):
     """T5 encoder–decoder. ``forward`` needs ``decoder_input_ids`` (the shifted targets)."""
 
     kind = "encoder_decoder"
+    logits_are_linear = True  # logits(h) == head_input(h) @ output_embedding().T: objectives may fuse head and loss
 
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -242,10 +243,12 @@ class T5(nn.Module):
     def output_embedding(self) -> torch.Tensor:
         return self.shared.weight if self.lm_head is None else self.lm_head.weight
 
+    def head_input(self, hidden):
+        """What the output embedding multiplies: tied heads rescale by d_model**-0.5 (T5)."""
+        return hidden * self.d_model ** -0.5 if self.lm_head is None else hidden
+
     def logits(self, hidden):
-        if self.lm_head is None:
-            return (hidden * self.d_model ** -0.5) @ self.shared.weight.t()
-        return self.lm_head(hidden)
+        return self.head_input(hidden) @ self.output_embedding().t()
 
     def transformer_blocks(self):
         return list(self.encoder.blocks) + list(self.decoder.blocks)

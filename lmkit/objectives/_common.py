@@ -97,7 +97,7 @@ def seq2seq_loss(objective, model, batch) -> LossOutput:
     hidden = model(batch["input_ids"], padding_mask=mask_or_none(batch.get("padding_mask")),
                    decoder_input_ids=batch["decoder_input_ids"],
                    decoder_padding_mask=mask_or_none(batch.get("decoder_padding_mask")))
-    return objective.lm_nll(model.logits(hidden), batch["labels"])
+    return objective.lm_head_nll(model, hidden, batch["labels"], objective.cfg.chunked_ce)
 
 
 # -- vocabulary tables ------------------------------------------------------------------------------

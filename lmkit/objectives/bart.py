@@ -26,7 +26,7 @@ from lmkit.objectives._common import (
     add_decoder_inputs, check_special_name, check_unit, frame, noise_vocab, sentence_end_tables, sentence_ends,
     seq2seq_loss, too_short,
 )
-from lmkit.objectives.base import Collator, LossOutput, Objective
+from lmkit.objectives.base import Collator, LossOutput, Objective, check_chunked_ce
 
 
 @dataclass
@@ -43,8 +43,10 @@ class BARTDenoisingConfig:
     delete_ratio: float = 0.0
     rotate_ratio: float = 0.0
     decoder_start_token: str = "<eos>"
+    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many target tokens
 
     def __post_init__(self):
+        check_chunked_ce(self.chunked_ce)
         check_unit("mask_ratio", self.mask_ratio, below_one=True)
         if isinstance(self.poisson_lambda, bool) or not self.poisson_lambda > 0:
             raise ConfigError("objective.poisson_lambda must be > 0 (mean span length in words, e.g. 3.0), "

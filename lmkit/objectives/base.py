@@ -93,7 +93,8 @@ class Objective(nn.Module):
 
         The fused path (:func:`lmkit.objectives.linear_cross_entropy.linear_cross_entropy`)
         never materializes the whole logits; it needs an architecture whose ``logits`` is
-        ``hidden @ output_embedding().T`` (declared by ``logits_are_linear = True``).
+        ``head_input(hidden) @ output_embedding().T`` (declared by ``logits_are_linear =
+        True``; ``head_input`` is optional, identity when absent).
         """
         if chunk_size <= 0:
             return self.lm_nll(model.logits(hidden), labels)
@@ -102,7 +103,9 @@ class Objective(nn.Module):
                               f"(logits_are_linear); {type(model).__name__} has another head. Set objective.chunked_ce=0.")
         from lmkit.objectives.linear_cross_entropy import linear_cross_entropy
 
-        nll_sum = linear_cross_entropy(hidden, model.output_embedding(), labels, chunk_size)
+        head_input = getattr(model, "head_input", None)
+        h = head_input(hidden) if head_input is not None else hidden
+        nll_sum = linear_cross_entropy(h, model.output_embedding(), labels, chunk_size)
         return self._lm_output(nll_sum, labels.reshape(-1))
 
     def _lm_output(self, nll_sum: torch.Tensor, flat_labels: torch.Tensor) -> LossOutput:
@@ -124,3 +127,9 @@ def document_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
     """Σ NLL (nats) / (bytes · ln 2), as in lm-evaluation-harness."""
     return nll_sum / (max(n_bytes, 1) * math.log(2))
+
+
+def check_chunked_ce(value) -> None:
+    """``objective.chunked_ce``: 0 (plain logits) or a positive chunk size in tokens."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"objective.chunked_ce must be >= 0 (0 = plain logits), got {value!r}")

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmkit.errors import ConfigError
 from lmkit.models.layers import document_ids_from_separators
-from lmkit.objectives.base import Collator, LossOutput, Objective, document_kwargs
+from lmkit.objectives.base import Collator, LossOutput, Objective, check_chunked_ce, document_kwargs
 
 
 @dataclass
@@ -27,11 +26,10 @@ class CausalLMConfig:
 
     name: str = "causal_lm"
     document_mask: bool = False
-    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many tokens (GPT)
+    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many tokens
 
     def __post_init__(self):
-        if self.chunked_ce < 0:
-            raise ConfigError(f"objective.chunked_ce must be >= 0 (0 = plain logits), got {self.chunked_ce}")
+        check_chunked_ce(self.chunked_ce)
 
 
 class CausalLMCollator(Collator):

@@ -24,7 +24,7 @@ from lmkit.noise import prefix_lm, prefix_lm_attention_mask, prefix_lm_seq2seq
 from lmkit.objectives._common import (
     add_decoder_inputs, check_special_name, mask_or_none, noise_vocab, seq2seq_loss, too_short,
 )
-from lmkit.objectives.base import Collator, LossOutput, Objective
+from lmkit.objectives.base import Collator, LossOutput, Objective, check_chunked_ce
 
 FORMS = ("auto", "decoder", "encoder_decoder")
 
@@ -36,8 +36,10 @@ class PrefixLMConfig:
     name: str = "prefix_lm"
     form: str = "auto"
     decoder_start_token: str = "<pad>"  # encoder–decoder form only (T5: <pad>)
+    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many target tokens
 
     def __post_init__(self):
+        check_chunked_ce(self.chunked_ce)
         if self.form not in FORMS:
             raise ConfigError(f"objective.form must be one of {', '.join(FORMS)}, got {self.form!r}")
         check_special_name("decoder_start_token", self.decoder_start_token)
@@ -102,4 +104,4 @@ class PrefixLM(Objective):
         if attn_mask is None:
             attn_mask = prefix_lm_attention_mask(batch["prefix_len"], batch["input_ids"].shape[1])
         hidden = model(batch["input_ids"], padding_mask=mask_or_none(batch.get("padding_mask")), attn_mask=attn_mask)
-        return self.lm_nll(model.logits(hidden), batch["labels"])
+        return self.lm_head_nll(model, hidden, batch["labels"], self.cfg.chunked_ce)

@@ -20,7 +20,7 @@ from lmkit.noise.span_corruption import noise_counts
 from lmkit.objectives._common import (
     add_decoder_inputs, check_open_unit, check_span_length, check_special_name, noise_vocab, seq2seq_loss,
 )
-from lmkit.objectives.base import Collator, LossOutput, Objective
+from lmkit.objectives.base import Collator, LossOutput, Objective, check_chunked_ce
 
 
 @dataclass
@@ -31,8 +31,10 @@ class SpanCorruptionConfig:
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     decoder_start_token: str = "<pad>"  # T5 starts the decoder with <pad>
+    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many target tokens
 
     def __post_init__(self):
+        check_chunked_ce(self.chunked_ce)
         check_open_unit("noise_density", self.noise_density, " (the share of tokens to corrupt, e.g. 0.15)")
         check_span_length("mean_noise_span_length", self.mean_noise_span_length)
         check_special_name("decoder_start_token", self.decoder_start_token)

@@ -22,7 +22,7 @@ from lmkit.noise import Denoiser, ul2_denoise
 from lmkit.objectives._common import (
     add_decoder_inputs, check_open_unit, check_span_length, check_special_name, noise_vocab, seq2seq_loss,
 )
-from lmkit.objectives.base import Collator, LossOutput, Objective
+from lmkit.objectives.base import Collator, LossOutput, Objective, check_chunked_ce
 from lmkit.objectives.span_corruption import check_corruptible, check_sentinel_room, corrupted_lengths, span_counts
 
 KINDS = ("R", "X", "S")
@@ -60,8 +60,10 @@ class UL2Config:
     weights: list[float] | None = None
     per_row: bool = True
     decoder_start_token: str = "<pad>"
+    chunked_ce: int = 0  # > 0: LM head + cross-entropy fused over chunks of this many target tokens
 
     def __post_init__(self):
+        check_chunked_ce(self.chunked_ce)
         if not self.denoisers:
             raise ConfigError("objective.denoisers is empty: list at least one denoiser")
         if self.weights is not None:
