@@ -24,13 +24,14 @@ words, cover that many whole words (stopping at a protected token) and collapse 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, blend, check_gen, check_mask_like, check_tokens, check_unit, compact, effective_word_starts,
-    excluded_table, lookup, random_keys, random_regular, random_subset, real_lengths, smallest_k, uniform,
+    IGNORE_INDEX, blend, check_gen, check_mask_like, check_tokens, check_unit, compact,
+    excluded_table, lookup, random_keys, random_regular, real_lengths, smallest_k, uniform,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -77,7 +78,7 @@ def bart_noise(
         With ``return_stats``: ``num_words``, ``num_spans`` (zero-length ones included),
         ``num_inserts`` and ``masked_words`` (distinct words covered by spans), int64 [B].
     """
-    check_tokens(tokens, vocab)
+    id_range = check_tokens(tokens, vocab)
     check_gen(gen)
     word_starts = check_mask_like(word_starts, tokens, "word_starts")
     check_unit("mask_ratio", mask_ratio)
@@ -103,17 +104,28 @@ def bart_noise(
 
     device = tokens.device
     B, L = tokens.shape
-    lengths = real_lengths(tokens, vocab.pad_id)
+    lengths = real_lengths(tokens, vocab.pad_id, id_range=id_range)
     real = torch.arange(L, device=device)[None, :] < lengths[:, None]
+    padded = bool(lengths.min() < L)
     protected = lookup(excluded_table(vocab, device), tokens)  # special tokens and padding
-    seq, ws = tokens, word_starts
+    # permutation and infilling move int32 ids: half the memory traffic of int64
+    seq, ws = (tokens.int() if permute_sentence_ratio > 0 or mask_ratio > 0 else tokens), word_starts
+    # runs of unprotected tokens (documents); permutation moves no protected token, so they
+    # are the same for infilling
+    free = ~protected
+    prev_free = torch.zeros_like(free)
+    prev_free[:, 1:] = free[:, :-1]
+    run_first = free & ~prev_free
+    single_run = int(run_first.sum(1).max()) <= 1
 
     if permute_sentence_ratio > 0:
-        seq, ws = _permute_sentences(seq, ws, sentence_ends, protected, permute_sentence_ratio, gen)
+        seq, ws = _permute_sentences(seq, ws, sentence_ends, free, prev_free, run_first, single_run,
+                                     permute_sentence_ratio, gen)
     stats = {}
     if mask_ratio > 0:
-        seq, lengths, stats = _text_infilling(seq, ws, protected, lengths, vocab, mask_ratio, poisson_lambda,
-                                              random_ratio, gen)
+        seq, lengths, stats = _text_infilling(seq, ws, protected, prev_free, real if padded else None, run_first,
+                                              single_run, vocab, mask_ratio, poisson_lambda, random_ratio, gen)
+    seq = seq.long()
     if delete_ratio > 0:
         seq, lengths = _delete_tokens(seq, lengths, vocab, delete_ratio, gen)
     if rotate_ratio > 0:
@@ -122,7 +134,7 @@ def bart_noise(
     out = {
         "input_ids": seq,
         "padding_mask": torch.arange(L, device=device)[None, :] < lengths[:, None],
-        "labels": torch.where(real, tokens, IGNORE_INDEX),
+        "labels": tokens.masked_fill(~real, IGNORE_INDEX) if padded else tokens.clone(),
     }
     if return_stats:
         zero = torch.zeros(B, dtype=torch.long, device=device)
@@ -131,8 +143,24 @@ def bart_noise(
     return out
 
 
+def _running_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running count of ``mask`` along each row minus one, clamped at 0, as int32 (``.long()``
+    makes it a gather / scatter index), and the row totals (int64).
+
+    int32 throughout: ``cumsum`` of a bool tensor straight to int64 is ~10x slower on CPU, and
+    int64 element-wise ops on [B, L] cost several times their int32 versions.
+    """
+    count = mask.cumsum(1, dtype=torch.int32)
+    total = count[:, -1].long()
+    return count.sub_(1).clamp_(min=0), total
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(1, dtype=x.dtype) - x
+
+
 # -- sentence permutation ---------------------------------------------------------------------
-def _permute_sentences(tokens, ws, sentence_ends, protected, ratio, gen):
+def _permute_sentences(tokens, ws, sentence_ends, free, prev_free, run_first, single_run, ratio, gen):
     """Shuffle ``ceil(ratio · sentences)`` random sentences of each row among their own slots.
 
     Sentences are runs of unprotected tokens ended by ``sentence_ends`` or a protected token;
@@ -140,43 +168,52 @@ def _permute_sentences(tokens, ws, sentence_ends, protected, ratio, gen):
     """
     device = tokens.device
     B, L = tokens.shape
-    pos = torch.arange(L, device=device).expand(B, L)
-    free = ~protected
-    prev_free = torch.zeros_like(free)
-    prev_free[:, 1:] = free[:, :-1]
+    pos = torch.arange(L, dtype=torch.int32, device=device).expand(B, L)
     prev_end = torch.zeros_like(free)
     prev_end[:, 1:] = sentence_ends[:, :-1]
     sent_first = free & (~prev_free | prev_end)
-    seg_first = free & ~prev_free
-    sid = sent_first.cumsum(1).sub_(1).clamp_(min=0)  # sentence of each free token
-    seg = seg_first.cumsum(1).sub_(1)
-    n_sent = sent_first.sum(1)
+    count = sent_first.cumsum(1, dtype=torch.int32)
+    n_sent = count[:, -1].long()
     S = max(int(n_sent.max()), 1)
-    at_first = blend(sent_first, sid, S)  # sentence index at sentence starts, else a dump column
+    at_first = (count * sent_first).long()  # 1 + sentence index at sentence starts, else 0 (a dump column)
+    sid = count.sub_(1).clamp_(min=0).long()  # sentence of each free token
 
     def per_sentence(values):
-        return torch.zeros((B, S + 1), dtype=torch.long, device=device).scatter_(1, at_first, values)[:, :S]
+        return torch.zeros((B, S + 1), dtype=torch.int32, device=device).scatter_(1, at_first, values)[:, 1:]
 
-    start = per_sentence(pos.contiguous())
-    sent_seg = per_sentence(seg)
-    length = torch.zeros((B, S), dtype=torch.long, device=device).scatter_add_(1, sid, free.long())
+    start = per_sentence(pos)
     valid = torch.arange(S, device=device)[None, :] < n_sent[:, None]
-    n_perm = torch.ceil(n_sent.double() * ratio).long()
-    inf = torch.full((B, S), float("inf"), dtype=torch.float64, device=device)
-    chosen = smallest_k(random_keys((B, S), gen, device, blocked=~valid), n_perm)
-    movers = torch.where(chosen, sent_seg.double() + uniform((B, S), gen, device), inf).argsort(dim=1)
-    slots = torch.where(chosen, torch.arange(S, device=device, dtype=torch.float64).expand(B, S), inf).argsort(dim=1)
-    k_ok = torch.arange(S, device=device)[None, :] < n_perm[:, None]
-    ordering = torch.arange(S + 1, device=device).expand(B, S + 1).contiguous()
-    ordering.scatter_(1, torch.where(k_ok, slots, S), torch.where(k_ok, movers, S))
-    ordering = ordering[:, :S]  # ordering[s] = the sentence placed in slot s
+    if single_run:  # sentences tile the row's one run: each ends where the next starts
+        nxt = torch.cat([start[:, 1:], start[:, :1]], dim=1)
+        run_end = start[:, :1] + free.sum(1, dtype=torch.int32)[:, None]
+        nxt.scatter_(1, (n_sent - 1).clamp(min=0)[:, None], run_end)
+        length = (nxt - start) * valid
+    else:
+        length = torch.zeros((B, S), dtype=torch.int32, device=device).scatter_add_(1, sid, free.int())
+    # movers sorted by document, randomly within it; slot s of a document gets its s-th mover
+    keys = uniform((B, S), gen, device)
+    if not single_run:
+        keys += per_sentence(_running_index(run_first)[0])
+    if ratio >= 1.0:  # every sentence moves: the slots are all of them, in order
+        ordering = torch.where(valid, keys, float("inf")).argsort(dim=1)
+    else:
+        inf = torch.full((B, S), float("inf"), dtype=torch.float64, device=device)
+        n_perm = torch.ceil(n_sent.double() * ratio).long()
+        chosen = smallest_k(random_keys((B, S), gen, device, blocked=~valid), n_perm)
+        movers = torch.where(chosen, keys, inf).argsort(dim=1)
+        slot_keys = torch.arange(S, device=device, dtype=torch.float64).expand(B, S)
+        slots = torch.where(chosen, slot_keys, inf).argsort(dim=1)
+        k_ok = torch.arange(S, device=device)[None, :] < n_perm[:, None]
+        ordering = torch.arange(S + 1, device=device).expand(B, S + 1).contiguous()
+        ordering.scatter_(1, torch.where(k_ok, slots, S), torch.where(k_ok, movers, S))
+        ordering = ordering[:, :S]  # ordering[s] = the sentence placed in slot s
     new_len = length.gather(1, ordering)
-    out_start = start + (new_len.cumsum(1) - new_len) - (length.cumsum(1) - length)
-    dest_start = torch.zeros((B, S), dtype=torch.long, device=device)
-    dest_start.scatter_(1, ordering, out_start)
-    moved = (dest_start - start).int().gather(1, sid)  # how far each token's sentence moves
-    moved *= free
-    dest = (moved + pos).long()
+    out_start = start + _exclusive_cumsum(new_len) - _exclusive_cumsum(length)
+    dest_start = torch.zeros((B, S), dtype=torch.int32, device=device).scatter_(1, ordering, out_start)
+    dest = (dest_start - start).gather(1, sid)  # how far each token's sentence moves
+    dest *= free
+    dest += pos
+    dest = dest.long()
     new_tokens = torch.empty_like(tokens).scatter_(1, dest, tokens)
     new_ws = torch.empty_like(ws).scatter_(1, dest, ws)
     return new_tokens, new_ws
@@ -204,21 +241,94 @@ def _poisson_spans(budget: torch.Tensor, lam: float, gen) -> torch.Tensor:
 
 def _poisson(lam: float, shape, gen, device) -> torch.Tensor:
     """Poisson(lam) draws by inverse CDF (float64 table up to far in the tail; much faster
-    than ``torch.poisson``)."""
+    than ``torch.poisson``).
+
+    A table over 1024 equal bins of the uniform gives each draw a first guess, never above the
+    answer; a few vectorized steps up the CDF finish the rare draws whose bin holds a step
+    (cheaper than a binary search per draw).
+    """
+    cdf, guess = _poisson_tables(float(lam), str(device))
+    u = uniform(shape, gen, device)
+    x = guess.index_select(0, (u * guess.numel()).long().view(-1)).view(shape)
+    while True:
+        up = u >= cdf.index_select(0, x.view(-1)).view(shape)
+        if not bool(up.any()):
+            return x
+        x += up
+
+
+@functools.lru_cache(maxsize=16)
+def _poisson_tables(lam: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisson(lam) CDF (float64, 1.0 at the end) and, for each of 1024 equal bins of [0, 1),
+    the value drawn for the bin's left edge."""
     top = int(lam + 20 * lam ** 0.5 + 20)
     k = torch.arange(top + 1, dtype=torch.float64, device=device)
     cdf = torch.exp(k * math.log(lam) - lam - torch.lgamma(k + 1)).cumsum(0)
     cdf[-1] = 1.0
-    return torch.searchsorted(cdf, uniform(shape, gen, device), right=True)
+    edges = torch.arange(1024, dtype=torch.float64, device=device) / 1024
+    return cdf, torch.searchsorted(cdf, edges, right=True)
 
 
-def _text_infilling(tokens, ws, protected, lengths, vocab, mask_ratio, lam, random_ratio, gen):
+def _distinct_draws(n: torch.Tensor, k: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k[b]`` distinct uniform values from ``range(n[b])`` per row (needs ``k <= n``), every
+    subset equally likely, in random order.
+
+    Returns ``(vals, chosen, order)``, all [B, M]: the values (int64), which of them are the
+    row's picks, and each pick's 1-based place in the random order (int32; meaningless
+    elsewhere). When every row needs few items (``4k <= n``) they are drawn with replacement,
+    a few more than needed, and the first ``k`` distinct ones kept (sampling without
+    replacement by rejection: a few ops on [B, ~k] instead of a top-k over all ``n``);
+    otherwise the smallest random keys of all ``n`` items are taken.
+    """
+    device = n.device
+    B = n.shape[0]
+    kmax = max(int(k.max()), 1)
+    if bool((4 * k <= n).all()):
+        m = kmax + kmax * kmax // max(int(n.min()), 1) + 8  # ~ k + 2 · expected repeats + slack
+        while True:
+            draw = torch.arange(m, dtype=torch.int32, device=device).expand(B, m)
+            vals = torch.floor(uniform((B, m), gen, device) * n[:, None]).long()
+            # first draw of each value: the smallest draw index landing on it
+            first_draw = torch.full((B, int(n.max()) + 1), m, dtype=torch.int32, device=device)
+            first_draw.scatter_reduce_(1, vals, draw, "amin")
+            first = first_draw.gather(1, vals) == draw
+            order = first.cumsum(1, dtype=torch.int32)
+            if bool((order[:, -1] >= k).all()):  # else draw again, with more (rare)
+                return vals, first & (order <= k[:, None]), order
+            m *= 2
+    N = max(int(n.max()), kmax)
+    blocked = torch.arange(N, device=device)[None, :] >= n[:, None]
+    vals = random_keys((B, N), gen, device, blocked).topk(kmax, dim=1, largest=False).indices
+    order = torch.arange(1, kmax + 1, dtype=torch.int32, device=device).expand(B, kmax)
+    return vals, order <= k[:, None], order
+
+
+def _run_end_words(run_first, starts, widx, n_words, w0, W, single_run):
+    """One past the last word of the run of unprotected tokens holding word ``w0`` ([B, K])."""
+    if single_run:  # one run per row: it ends after the row's last word
+        return n_words[:, None]
+    B = starts.shape[0]
+    G = max(int(run_first.sum(1).max()), 1)
+    seg = _running_index(run_first)[0].long()  # run of each token (meaningless where not eligible)
+    words_per_seg = torch.zeros((B, G), dtype=torch.long, device=seg.device).scatter_add_(1, seg, starts.long())
+    seg_end_word = words_per_seg.cumsum(1)
+    word_seg = torch.zeros((B, W + 1), dtype=torch.long, device=seg.device)
+    word_seg.scatter_(1, blend(starts, widx, W), seg)
+    return seg_end_word.gather(1, word_seg.gather(1, w0))
+
+
+_KEEP, _DELETE = -1, -2  # per-word actions; a value >= 0 is the id replacing the word's first token
+
+
+def _text_infilling(tokens, ws, protected, prev_free, real, run_first, single_run, vocab, mask_ratio, lam,
+                    random_ratio, gen):
+    """fairseq's ``add_whole_word_mask`` (Poisson spans, ``replace_length=1``) followed by
+    ``add_insertion_noise`` for the zero-length spans. ``real`` is None when no row is padded."""
     device = tokens.device
     B, L = tokens.shape
     eligible = ~protected
-    starts = effective_word_starts(eligible, ws)
-    widx = starts.cumsum(1).sub_(1).clamp_(min=0)  # word of each token (meaningless where not eligible)
-    n_words = starts.sum(1)
+    starts = eligible & (ws | ~prev_free)  # effective_word_starts, reusing the shifted mask
+    widx, n_words = _running_index(starts)  # word of each token (meaningless where not eligible)
     W = max(int(n_words.max()), 1)
     budget = torch.ceil(n_words.double() * mask_ratio).long()
 
@@ -226,83 +336,88 @@ def _text_infilling(tokens, ws, protected, lengths, vocab, mask_ratio, lam, rand
     valid = span_lens >= 0
     nonzero = span_lens > 0
     n_inserts = (valid & ~nonzero).sum(1)
-    n_mask = nonzero.sum(1)  # <= budget <= words <= L
-    K = max(int(n_mask.max()), 1)
-    nz_lens, _ = compact(span_lens, nonzero, K, 0)
+    n_mask = nonzero.sum(1)  # <= budget <= words
+    # distinct random start words; their random order pairs them with the non-zero lengths
+    w0, span_ok, order = _distinct_draws(n_words, n_mask, gen)
+    K = w0.shape[1]
+    nz_lens = compact(span_lens, nonzero, K, 0)[0].gather(1, (order.long() - 1).clamp_(0, K - 1))
+    w_end = torch.minimum(w0 + nz_lens, _run_end_words(run_first, starts, widx, n_words, w0, W, single_run))
 
-    # distinct random start words, paired with the non-zero lengths
-    start_pos = random_keys((B, L), gen, device, blocked=~starts).topk(K, dim=1, largest=False).indices
-    span_ok = torch.arange(K, device=device)[None, :] < n_mask[:, None]
-    w0 = widx.gather(1, start_pos)
-
-    # a span stops at the end of its run of unprotected tokens
-    prev_elig = torch.zeros_like(eligible)
-    prev_elig[:, 1:] = eligible[:, :-1]
-    seg_first = eligible & ~prev_elig
-    G = max(int(seg_first.sum(1).max()), 1)
-    seg = seg_first.cumsum(1).sub_(1).clamp_(min=0)  # run of each token (meaningless where not eligible)
-    words_per_seg = torch.zeros((B, G), dtype=torch.long, device=device).scatter_add_(1, seg, starts.long())
-    seg_end_word = words_per_seg.cumsum(1)  # one past the last word of each segment
-    word_seg = torch.zeros((B, W + 1), dtype=torch.long, device=device)
-    word_seg.scatter_(1, blend(starts, widx, W), seg)
-    w_end = torch.minimum(w0 + nz_lens, seg_end_word.gather(1, word_seg.gather(1, w0)))
-
-    # words inside a span after its first word are deleted; the first word's first token → mask
-    interior = torch.zeros((B, W + 2), dtype=torch.long, device=device)
+    # per word: kept, deleted (inside a span after its first word), or its first token replaced
+    # by the span's mask / random token (the rest of the word deleted)
     has_interior = span_ok & (w_end > w0 + 1)
-    dump = torch.full_like(w0, W + 1)
-    interior.scatter_add_(1, torch.where(has_interior, w0 + 1, dump), has_interior.long())
-    interior.scatter_add_(1, torch.where(has_interior, w_end, dump), -has_interior.long())
-    in_interior = interior[:, :W].cumsum(1) > 0
-    start_word = torch.zeros((B, W + 1), dtype=torch.bool, device=device)
-    start_word.scatter_(1, torch.where(span_ok, w0, W), span_ok)
-    start_word = start_word[:, :W]
-    tok_interior = eligible & in_interior.gather(1, widx)
-    tok_in_start = eligible & start_word.gather(1, widx)
-    deleted = tok_interior | (tok_in_start & ~starts)
-    to_mask = tok_in_start & starts & ~tok_interior
-    rand_span = span_ok & (uniform((B, K), gen, device) < random_ratio)
-    values = blend(to_mask, vocab.mask_id, tokens)
-    # a span's mask becomes a random token (a start swallowed by another span is deleted anyway)
-    at_start = values.gather(1, start_pos)
-    values.scatter_(1, start_pos, torch.where(rand_span, random_regular(vocab, (B, K), gen, device), at_start))
-    real = torch.arange(L, device=device)[None, :] < lengths[:, None]
-    kept, n_kept = compact(values, real & ~deleted, L, vocab.pad_id)
-
-    # zero-length spans: masks inserted at random positions, never first or last
-    new_len = n_kept + n_inserts
-    n_ins = torch.minimum(n_inserts, (new_len - 2).clamp(min=0))
-    new_len = n_kept + n_ins
-    Wout = max(int(new_len.max()), 1)
-    ar = torch.arange(Wout, device=device)[None, :]
-    n_rand = torch.ceil(n_ins.double() * random_ratio).long()
-    ins = torch.zeros((B, Wout + 1), dtype=torch.bool, device=device)
-    out = torch.full((B, Wout + 1), vocab.pad_id, dtype=torch.long, device=device)
-    kmax = int(n_ins.max())
-    if kmax > 0:  # n_ins distinct slots in [1, new_len − 2]; a random n_rand of them get random tokens
-        idx = random_subset((new_len - 2).clamp(min=0), n_ins, gen) + 1  # padded with new_len − 1
-        k = torch.arange(kmax, device=device)[None, :]
-        take = k < n_ins[:, None]
-        idx = torch.where(take, idx, Wout)  # dump column
-        rank = random_keys((B, kmax), gen, device, blocked=~take).argsort(dim=1).argsort(dim=1)
-        ins_vals = torch.where(rank < n_rand[:, None], random_regular(vocab, (B, kmax), gen, device), vocab.mask_id)
-        ins.scatter_(1, idx, take)
-        out.scatter_(1, idx, ins_vals)
-    ins, out = ins[:, :Wout], out[:, :Wout]
-    others = (ar < new_len[:, None]) & ~ins
-    src = (others.long().cumsum(1) - 1).clamp(min=0, max=L - 1)
-    out = torch.where(others, kept.gather(1, src), out)
-    if Wout >= L:
-        out = out[:, :L]
-    else:
-        out = torch.cat([out, torch.full((B, L - Wout), vocab.pad_id, dtype=torch.long, device=device)], dim=1)
+    edges = torch.cat([torch.where(has_interior, w0 + 1, W + 1), torch.where(has_interior, w_end, W + 1)], dim=1)
+    step = has_interior.int()
+    interior = torch.zeros((B, W + 2), dtype=torch.int32, device=device)
+    interior.scatter_add_(1, edges, torch.cat([step, -step], dim=1))
+    in_interior = interior[:, :W].cumsum(1, dtype=torch.int32) > 0
+    rand_span = uniform((B, K), gen, device) < random_ratio
+    repl = torch.where(rand_span, random_regular(vocab, (B, K), gen, device), vocab.mask_id).int()
+    action = torch.full((B, W + 1), _KEEP, dtype=torch.int32, device=device)
+    action.scatter_(1, torch.where(span_ok, w0, W), repl)
+    action = action[:, :W].sub_(_DELETE).mul_(~in_interior).add_(_DELETE)  # interior words → _DELETE
+    tok_action = action.gather(1, widx.long())
+    hit = eligible & (tok_action != _KEEP)
+    to_mask = starts & (tok_action >= 0)
+    keep = ~hit | to_mask
+    if real is not None:
+        keep &= real
+    values = tok_action.sub_(tokens).mul_(to_mask).add_(tokens)  # the replacement where to_mask, else the token
+    out, new_len = _place_with_inserts(values, keep, n_inserts, vocab, random_ratio, gen)
     stats = {
         "num_words": n_words,
         "num_spans": valid.sum(1),
         "num_inserts": n_inserts,
-        "masked_words": (start_word | in_interior).sum(1),
+        "masked_words": (action != _KEEP).sum(1),
     }
-    return out, new_len.clamp(max=L), stats
+    return out, new_len, stats
+
+
+def _place_with_inserts(values, keep, n_inserts, vocab, random_ratio, gen):
+    """Compact the kept tokens of each row and insert ``n_inserts`` masks at distinct random
+    positions, never first or last (fairseq's ``add_insertion_noise``): each kept token is
+    scattered straight to its final slot, then the inserts into theirs.
+
+    ``ceil(random_ratio · inserts)`` of the inserted tokens are random ones. Rows longer than
+    L are cut. Returns ``(out [B, L], lengths)``.
+    """
+    device = values.device
+    B, L = values.shape
+    count = keep.cumsum(1, dtype=torch.int32)  # kept tokens up to each token
+    n_kept = count[:, -1].long()
+    n_ins = torch.minimum(n_inserts, (n_kept + n_inserts - 2).clamp(min=0))
+    new_len = n_kept + n_ins
+    # rows are laid end to end after one dump slot (index 0: masking an index by multiplying
+    # with a bool sends it there, cheaper than a select)
+    row_start = torch.arange(1, B * L, L, dtype=torch.int32, device=device)[:, None]
+    dest = count - 1
+    kmax = int(n_ins.max())
+    if kmax > 0:  # n_ins distinct slots in [1, new_len − 2]; the first n_rand (random order) get random tokens
+        idx, take, order = _distinct_draws((new_len - 2).clamp(min=0), n_ins, gen)
+        idx = torch.where(take, idx + 1, int(new_len.max()))  # the padding sorts after every slot
+        # insert j goes right before the kept token of rank idx_j − (inserts before it): find
+        # that token and shift it and every token after it one slot right
+        # inserts before each one = its rank in the row (taken slots are distinct; untaken ones sort
+        # last and are never used): a sort, not a [B, k, k] comparison, since k can reach hundreds
+        order_in_row = idx.argsort(1)
+        before = torch.empty_like(order_in_row).scatter_(
+            1, order_in_row, torch.arange(idx.shape[1], device=device).expand_as(order_in_row))
+        at = torch.searchsorted(count, (idx - before + 1).int())
+        shift = torch.zeros((B, L + 1), dtype=torch.int32, device=device)
+        shift.scatter_add_(1, torch.where(take, at, L), take.int())
+        dest += shift[:, :L].cumsum(1, dtype=torch.int32)
+        n_rand = torch.ceil(n_ins.double() * random_ratio).long()
+        ins_vals = torch.where(order <= n_rand[:, None], random_regular(vocab, idx.shape, gen, device),
+                               vocab.mask_id).to(values.dtype)
+    flat = torch.full((B * L + 1,), vocab.pad_id, dtype=values.dtype, device=device)
+    dest_ok = keep & (dest < L)
+    dest += row_start
+    dest *= dest_ok
+    flat.scatter_(0, dest.view(-1).long(), values.view(-1))
+    if kmax > 0:
+        ins_ok = take & (idx < L)
+        flat.scatter_(0, ((idx + row_start) * ins_ok).view(-1), ins_vals.view(-1))
+    return flat[1:].view(B, L), new_len.clamp(max=L)
 
 
 # -- token deletion, rotation -----------------------------------------------------------------

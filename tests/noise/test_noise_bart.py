@@ -127,6 +127,30 @@ def test_insertions_can_lengthen_rows_up_to_L(vocab):
     assert int(out["padding_mask"].sum(1).max()) == 32  # longer rows are cut to L
 
 
+@pytest.mark.parametrize("kw", [
+    dict(mask_ratio=0.5, poisson_lambda=0.05),  # inserts outnumber removed tokens: rows grow to L
+    dict(mask_ratio=0.9, poisson_lambda=0.05, delete_ratio=0.3, rotate_ratio=1.0),
+    dict(mask_ratio=0.9, poisson_lambda=30.0, permute_sentence_ratio=0.5),  # few, long spans
+])
+def test_padding_only_after_each_row(vocab, kw):
+    """Right-padded input rows of random real lengths: every output row is real tokens, then padding
+    (no pad id inside a row, none missing at its end), however many masks are inserted."""
+    tokens, ws = batch(vocab, seed=6, batch_size=2000, length=32)
+    lengths = torch.randint(4, 33, (2000,), generator=gen(6))
+    pad = torch.arange(32)[None, :] >= lengths[:, None]
+    tokens[torch.arange(2000), lengths - 1] = vocab.eos_id
+    tokens[pad] = vocab.pad_id
+    ends = torch.zeros_like(ws)
+    ends[:, 5::6] = True
+    out = bart_noise(tokens, gen(7), vocab, ws, sentence_ends=ends, **kw)
+    ids, real_mask = out["input_ids"], out["padding_mask"]
+    n_real = real_mask.sum(1, keepdim=True)
+    assert torch.equal(real_mask, torch.arange(32)[None, :] < n_real)
+    assert not bool((ids[real_mask] == vocab.pad_id).any())
+    assert bool((ids[~real_mask] == vocab.pad_id).all())
+    assert torch.equal(out["labels"] == -100, pad)
+
+
 def test_sentence_permutation(vocab):
     n_rows, length = 500, 64
     tokens = unique_rows(vocab, n_rows, length)
