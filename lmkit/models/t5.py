@@ -248,7 +248,9 @@ class T5(nn.Module):
         return hidden * self.d_model ** -0.5 if self.lm_head is None else hidden
 
     def logits(self, hidden):
-        return self.head_input(hidden) @ self.output_embedding().t()
+        if self.lm_head is None:
+            return self.head_input(hidden) @ self.shared.weight.t()
+        return self.lm_head(hidden)  # a module call, so hooks on the head still run
 
     def transformer_blocks(self):
         return list(self.encoder.blocks) + list(self.decoder.blocks)
