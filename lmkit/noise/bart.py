@@ -30,8 +30,8 @@ import math
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, blend, check_gen, check_mask_like, check_tokens, check_unit, compact,
-    excluded_table, lookup, random_keys, random_regular, real_lengths, smallest_k, uniform,
+    IGNORE_INDEX, blend, check_gen, check_mask_like, check_tokens, check_unit, compact, exclusive_cumsum,
+    excluded_table, lookup, random_keys, random_regular, real_lengths, running_index, smallest_k, uniform,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -143,22 +143,6 @@ def bart_noise(
     return out
 
 
-def _running_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running count of ``mask`` along each row minus one, clamped at 0, as int32 (``.long()``
-    makes it a gather / scatter index), and the row totals (int64).
-
-    int32 throughout: ``cumsum`` of a bool tensor straight to int64 is ~10x slower on CPU, and
-    int64 element-wise ops on [B, L] cost several times their int32 versions.
-    """
-    count = mask.cumsum(1, dtype=torch.int32)
-    total = count[:, -1].long()
-    return count.sub_(1).clamp_(min=0), total
-
-
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return x.cumsum(1, dtype=x.dtype) - x
-
-
 # -- sentence permutation ---------------------------------------------------------------------
 def _permute_sentences(tokens, ws, sentence_ends, free, prev_free, run_first, single_run, ratio, gen):
     """Shuffle ``ceil(ratio · sentences)`` random sentences of each row among their own slots.
@@ -193,7 +177,7 @@ def _permute_sentences(tokens, ws, sentence_ends, free, prev_free, run_first, si
     # movers sorted by document, randomly within it; slot s of a document gets its s-th mover
     keys = uniform((B, S), gen, device)
     if not single_run:
-        keys += per_sentence(_running_index(run_first)[0])
+        keys += per_sentence(running_index(run_first)[0])
     if ratio >= 1.0:  # every sentence moves: the slots are all of them, in order
         ordering = torch.where(valid, keys, float("inf")).argsort(dim=1)
     else:
@@ -208,7 +192,7 @@ def _permute_sentences(tokens, ws, sentence_ends, free, prev_free, run_first, si
         ordering.scatter_(1, torch.where(k_ok, slots, S), torch.where(k_ok, movers, S))
         ordering = ordering[:, :S]  # ordering[s] = the sentence placed in slot s
     new_len = length.gather(1, ordering)
-    out_start = start + _exclusive_cumsum(new_len) - _exclusive_cumsum(length)
+    out_start = start + exclusive_cumsum(new_len) - exclusive_cumsum(length)
     dest_start = torch.zeros((B, S), dtype=torch.int32, device=device).scatter_(1, ordering, out_start)
     dest = (dest_start - start).gather(1, sid)  # how far each token's sentence moves
     dest *= free
@@ -309,7 +293,7 @@ def _run_end_words(run_first, starts, widx, n_words, w0, W, single_run):
         return n_words[:, None]
     B = starts.shape[0]
     G = max(int(run_first.sum(1).max()), 1)
-    seg = _running_index(run_first)[0].long()  # run of each token (meaningless where not eligible)
+    seg = running_index(run_first)[0].long()  # run of each token (meaningless where not eligible)
     words_per_seg = torch.zeros((B, G), dtype=torch.long, device=seg.device).scatter_add_(1, seg, starts.long())
     seg_end_word = words_per_seg.cumsum(1)
     word_seg = torch.zeros((B, W + 1), dtype=torch.long, device=seg.device)
@@ -328,7 +312,7 @@ def _text_infilling(tokens, ws, protected, prev_free, real, run_first, single_ru
     B, L = tokens.shape
     eligible = ~protected
     starts = eligible & (ws | ~prev_free)  # effective_word_starts, reusing the shifted mask
-    widx, n_words = _running_index(starts)  # word of each token (meaningless where not eligible)
+    widx, n_words = running_index(starts)  # word of each token (meaningless where not eligible)
     W = max(int(n_words.max()), 1)
     budget = torch.ceil(n_words.double() * mask_ratio).long()
 

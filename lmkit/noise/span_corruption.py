@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, check_gen, check_open_unit, check_tokens, random_subset, real_lengths, round_half_even,
+    IGNORE_INDEX, check_gen, check_open_unit, check_tokens, exclusive_cumsum, random_subset, real_lengths,
+    round_half_even,
 )
 from lmkit.noise.vocab import NoiseVocab
 
@@ -173,12 +174,12 @@ def assemble_spans(tokens, clean_lens, noise_lens, vocab: NoiseVocab, sentinel_f
     sent = torch.ones((B, 1), dtype=torch.long, device=device) if sentinels is None else sentinels.long()[:, None]
     off = 0 if lead is None else 1
     both = torch.stack([clean_lens, noise_lens], 2).view(B, 2 * S)
-    span_start = both.cumsum(1) - both
+    span_start = exclusive_cumsum(both)
     kept = noise_lens if sentinel_first else clean_lens
     src_start = span_start[:, 1::2] if sentinel_first else span_start[:, 0::2]
     has_unit = noise_lens > 0  # one unit (kept span + sentinel) per noise span
     unit = (kept + sent) * has_unit
-    out_start = unit.cumsum(1) - unit + off
+    out_start = exclusive_cumsum(unit) + off
     count = out_start[:, -1] + unit[:, -1]
     W = int(count.max()) + 1
 

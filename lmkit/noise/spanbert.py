@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lmkit.noise._common import (
-    IGNORE_INDEX, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens,
+    IGNORE_INDEX, check_fracs, check_gen, check_mask_like, check_open_unit, check_tokens, exclusive_cumsum,
     effective_word_starts, excluded_table, lookup, random_regular, random_subset, uniform,
 )
 from lmkit.noise.vocab import NoiseVocab
@@ -112,7 +112,7 @@ def spanbert_mask(
     # keep the candidates that fit in the row with one free word between neighbours; the first
     # one that does not fit is shortened to the room left (this only happens in short rows)
     ar_K = torch.arange(K, device=device)[None, :]
-    room = n_words[:, None] - ((lens + 1).cumsum(1) - (lens + 1))
+    room = n_words[:, None] - exclusive_cumsum(lens + 1)
     fit = (lens <= room) & (ar_K < k_row[:, None])
     fit = fit.long().cumprod(1).bool()  # a prefix
     n_fit = fit.sum(1)
@@ -127,7 +127,7 @@ def spanbert_mask(
     chosen = random_subset(free + n_cand, n_cand, gen)  # sorted slot of each candidate
     slots = torch.zeros((B, K), dtype=torch.long, device=device)
     slots[:, : chosen.shape[1]] = chosen
-    excl = lens.cumsum(1) - lens
+    excl = exclusive_cumsum(lens)
     span_start = torch.where(fit, slots + excl, torch.zeros_like(slots))  # first word of each candidate
 
     # take candidates in random order until the token budget is met; shorten the last
@@ -139,7 +139,7 @@ def spanbert_mask(
     o_end = (o_start + o_len).clamp(max=W)
     o_tok = wcum.gather(1, o_end) - wcum.gather(1, o_start)
     o_tok = torch.where(o_fit, o_tok, torch.zeros_like(o_tok))
-    before = o_tok.cumsum(1) - o_tok
+    before = exclusive_cumsum(o_tok)
     taken = o_fit & (before < budget[:, None])
     used = _shorten_last(taken, o_start, o_len, before, budget, wcum, max_span_words)
 
@@ -192,7 +192,7 @@ def _fill_shortfall(word_span, word_len, n_words, shortfall, first_id: int, gen)
     order = torch.where(free_word, uniform((B, W), gen, device), float("inf")).argsort(dim=1)
     o_free = free_word.gather(1, order)
     f_len = word_len.gather(1, order) * o_free
-    add = o_free & ((f_len.cumsum(1) - f_len) < shortfall[:, None])
+    add = o_free & (exclusive_cumsum(f_len) < shortfall[:, None])
     new_id = first_id + torch.arange(W, dtype=word_span.dtype, device=device).expand(B, W)
     return word_span.scatter_(1, order, torch.where(add, new_id, word_span.gather(1, order)))
 
