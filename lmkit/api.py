@@ -8,22 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmkit.config.compose import check_overrides, compose_config, split_args
+from lmkit.config.compose import compose_config
 from lmkit.config.validate import RunConfig, resolve_run
 from lmkit.plugins import get_plugin_manager
 
 
 def load_run_config(overrides: list[str]) -> RunConfig:
     """Validated run config for ``overrides`` (as on the command line), objective default model included."""
+    from lmkit.commands.train import prepare
+
     pm = get_plugin_manager()
-    dirs = pm.config_dirs()
-    args = check_overrides(split_args(list(overrides)), dirs, pm.registries["model_extension"].names())
-    overrides = list(args.overrides)
-    if "objective" in args.group_choices and "model" not in args.group_choices:
-        default = pm.get("objective", args.group_choices["objective"][0]).meta.get("default_model")
-        if default:
-            overrides.append(f"model={default}")
-    return resolve_run(compose_config(dirs, overrides), pm, model_choice=args.group_choices.get("model", [None])[0])
+    args = prepare(overrides, pm)
+    return resolve_run(compose_config(pm.config_dirs(), args.overrides), pm,
+                       model_choice=args.group_choices.get("model", [None])[0])
 
 
 def run(overrides: list[str], run_dir) -> dict:

@@ -108,3 +108,15 @@ def lmkit_configure_model(model, run):
     each extension's validated config); return nothing. The mixture-of-experts plugin
     swaps feed-forward layers here when ``model.moe`` asks for it.
     """
+
+
+@hookspec
+def lmkit_register_commands():
+    """Return command-line verbs: ``python -m lmkit NAME ARGS...``.
+
+    ``factory(argv: list[str]) -> int`` runs the verb with the arguments after its name and
+    returns the exit status; ``description`` is its line in ``python -m lmkit --help``. Raise
+    :class:`lmkit.errors.LmkitError` (or a subclass) for anything the user can fix: the CLI
+    prints it as one ``lmkit: error:`` line and exits with status 2, as for every built-in
+    verb. Built-in verbs (``train``, ``plugins``, ...) cannot be replaced.
+    """

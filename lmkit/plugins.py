@@ -8,14 +8,13 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import sys
-import warnings
 from functools import lru_cache
 
 import pluggy
 
 from lmkit import hookspecs
 from lmkit.errors import PluginError
-from lmkit.registry import KINDS, Component, FailedPlugin, Registry
+from lmkit.registry import KINDS, Component, FailedPlugin, Registry, plural
 
 ENTRY_POINT_GROUP = "lmkit"
 STRICT_ENV = "LMKIT_STRICT_PLUGINS"
@@ -31,7 +30,13 @@ _HOOK_FOR_KIND = {
     "dataset": "lmkit_register_datasets",
     "callback": "lmkit_register_callbacks",
     "model_extension": "lmkit_register_model_extensions",
+    "command": "lmkit_register_commands",
 }
+
+
+def warn(message: str) -> None:
+    """One ``lmkit: warning:`` line on stderr (not Python's two-line ``warnings`` output)."""
+    print(f"lmkit: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 class PluginManager:
@@ -72,7 +77,7 @@ class PluginManager:
                 if strict:
                     raise PluginError(failure.describe() + f" (strict mode: unset {STRICT_ENV} to continue without it)") from exc
                 self.failed.append(failure)
-                warnings.warn(f"lmkit: {failure.describe()}", stacklevel=2)
+                warn(failure.describe())
 
     def _fill_registries(self) -> None:
         for kind, hook_name in _HOOK_FOR_KIND.items():
@@ -85,7 +90,7 @@ class PluginManager:
                 except Exception as exc:
                     failure = FailedPlugin(impl.plugin_name, dist, version, f"{hook_name} raised {type(exc).__name__}: {exc}")
                     self.failed.append(failure)
-                    warnings.warn(f"lmkit: {failure.describe()}", stacklevel=2)
+                    warn(failure.describe())
                     continue
                 for component in components:
                     if not isinstance(component, Component):
@@ -112,7 +117,7 @@ class PluginManager:
     def listing(self) -> str:
         lines = []
         for kind in KINDS:
-            lines.append(f"{kind}s:")
+            lines.append(f"{plural(kind)}:")
             for c in self.registries[kind]:
                 desc = f" — {c.description}" if c.description else ""
                 lines.append(f"  {c.name:<22} {c.provider} {c.version}{desc}")
@@ -136,8 +141,10 @@ def get_plugin_manager() -> PluginManager:
 
 
 def main() -> int:
-    print(get_plugin_manager().listing())
-    return 0
+    """``python -m lmkit.plugins``: the same as ``python -m lmkit plugins``."""
+    from lmkit.cli import main as cli_main
+
+    return cli_main(["plugins"])
 
 
 if __name__ == "__main__":

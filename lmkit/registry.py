@@ -7,7 +7,13 @@ from typing import Any, Callable
 from lmkit.errors import ConfigError, PluginError, did_you_mean
 
 KINDS = ("objective", "architecture", "optimizer", "scheduler", "strategy", "tokenizer", "dataset", "callback",
-         "model_extension")
+         "model_extension", "command")
+PLURALS = {"strategy": "strategies", "model_extension": "model extensions", "command": "commands"}
+
+
+def plural(kind: str) -> str:
+    """``objectives``, ``strategies``, ``model extensions`` ... (headings and messages)."""
+    return PLURALS.get(kind, kind + "s")
 
 
 @dataclass
@@ -67,6 +73,16 @@ class Registry:
         raise ConfigError(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:
+        from lmkit.first_party import provider_of
+
+        dist = provider_of(self.kind, name)
+        failed = [f for f in self.failed if f.distribution == dist]
+        if dist and failed:
+            return f"{self.kind} '{name}' comes with {dist}, which failed to load: {failed[0].describe()}."
+        if dist:
+            from lmkit.first_party import not_installed_message
+
+            return not_installed_message(f"{self.kind} '{name}'", self.kind, name)
         names = sorted(self._items)
         hint = did_you_mean(name, names)
         available = ", ".join(f"{n} ({self._items[n].provider})" for n in names) or "none"

@@ -219,6 +219,8 @@ def train(run: RunConfig, pm, run_dir: Path) -> dict:
     """
     built = build_run(run, pm, run_dir)
     save_run_files(run, built, run_dir)
+    if built.trainer.global_rank == 0:
+        print(f"lmkit: run directory {run_dir}", flush=True)
     trainer, module, dm = built.trainer, built.module, built.datamodule
     # counted before fit: parallelism plugins then leave each rank only its shard or stage
     n_params = sum(p.numel() for p in module.model.parameters())

@@ -13,8 +13,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lmkit.errors import ConfigError, did_you_mean
+from lmkit.first_party import not_installed_message
 
 GROUPS = ("model", "objective", "optimizer", "scheduler", "data", "tokenizer", "trainer", "strategy", "logger", "experiment")
 
@@ -58,25 +60,37 @@ def group_options(config_dirs: list[str]) -> dict[str, list[str]]:
     return {g: sorted(v) for g, v in options.items()}
 
 
-def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=()) -> ParsedArgs:
+def _extension_of(key: str) -> str | None:
+    parts = key.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "model" else None
+
+
+def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=(), pm=None) -> ParsedArgs:
     """Validate group choices; fill ``args.group_choices``. Raises ConfigError with a fix.
 
     ``model.<extension>.key=value`` for a registered model extension is rewritten to a
-    force-add (``++``), since architectures' own configs do not carry extension blocks.
+    force-add (``++``), since architectures' own configs do not carry extension blocks. An
+    option that belongs to a first-party plugin that is not installed names the plugin.
     """
     args.overrides = [
-        f"++{o}" if any(o.startswith(f"model.{e}.") for e in model_extensions) else o for o in args.overrides
+        f"++{o.lstrip('+')}" if _extension_of(o.lstrip("+").split("=", 1)[0]) in model_extensions else o
+        for o in args.overrides
     ]
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(args.overrides)
     except HydraException as e:
-        raise ConfigError(f"cannot parse the command line: {e}") from None
+        raise ConfigError(f"cannot parse the command line: {str(e).strip().splitlines()[0]}") from None
     options = group_options(config_dirs)
     for ov in parsed:
         key = ov.key_or_group
         if key.startswith("hydra"):
             continue
+        extension = _extension_of(key)
+        if extension and extension not in model_extensions:
+            missing = not_installed_message(f"'{key}' (model.{extension}.*)", "model_extension", extension)
+            if missing:
+                raise ConfigError(missing)
         if key == "objective" and not ov.is_add() and not ov.is_force_add() and not ov.is_delete():
             raise ConfigError(
                 f"'objective' is not in the defaults list, so it is added with a plus: write "
@@ -90,6 +104,9 @@ def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=(
             values = [str(ov.value())]
         for value in values:
             if value not in options[key] and value != "null":
+                missing = not_installed_message(f"{key} '{value}'", key, value)
+                if missing:
+                    raise ConfigError(missing)
                 raise ConfigError(
                     f"unknown {key} '{value}'.{did_you_mean(value, options[key])} "
                     f"Available for {key}=: {', '.join(options[key]) or 'none'}."
@@ -98,18 +115,24 @@ def check_overrides(args: ParsedArgs, config_dirs: list[str], model_extensions=(
     return args
 
 
-def first_values(overrides: list[str]) -> list[str]:
-    """The overrides with each sweep replaced by its first value (for a pre-flight compose)."""
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """Every job of a sweep as its own list of overrides (one list when nothing sweeps), in Hydra's order."""
+    import itertools
+
     parser = OverridesParser.create()
-    out = []
+    per_override = []
     for ov, line in zip(parser.parse_overrides(overrides), overrides):
         if ov.is_sweep_override():
-            first = next(iter(ov.sweep_iterator()))
-            prefix = line.split(ov.key_or_group, 1)[0]
-            out.append(f"{prefix}{ov.key_or_group}={first}")
+            key = ov.get_key_element()
+            per_override.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
         else:
-            out.append(line)
-    return out
+            per_override.append([line])
+    return [list(job) for job in itertools.product(*per_override)]
+
+
+def first_values(overrides: list[str]) -> list[str]:
+    """The overrides with each sweep replaced by its first value."""
+    return expand_sweeps(overrides)[0]
 
 
 def _missing_key_message(cfg: DictConfig, dotted: str) -> str | None:
@@ -127,13 +150,41 @@ def _missing_key_message(cfg: DictConfig, dotted: str) -> str | None:
     return None
 
 
+def _check_hydra_keys(hydra_overrides: list[str], searchpath: list[str]) -> None:
+    """Misspelled ``hydra.*`` keys get lmkit's message (Hydra's own is a multi-line usage error, exit 1)."""
+    if not hydra_overrides:
+        return
+    full = compose("config", overrides=searchpath, return_hydra_config=True)
+    for o in hydra_overrides:
+        if o.startswith(("+", "~")) or "=" not in o:
+            continue
+        msg = _missing_key_message(full, o.split("=", 1)[0])
+        if msg:
+            raise ConfigError(msg)
+    try:
+        compose("config", overrides=searchpath + hydra_overrides, return_hydra_config=True)
+    except HydraException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Every ``${...}`` resolves (a bad one would otherwise surface as a traceback mid-validation)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"cannot resolve the value of '{key}': {str(e).splitlines()[0]}") from None
+
+
 def compose_config(config_dirs: list[str], overrides: list[str]) -> DictConfig:
     """Compose the config the way the CLI will, with lmkit's error messages."""
     core, extra = config_dirs[0], config_dirs[1:]
+    hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     searchpath = [f"hydra.searchpath=[{','.join('file://' + d for d in extra)}]"] if extra else []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=core, version_base="1.3"):
+        _check_hydra_keys(hydra_overrides, searchpath)
         group_only = [o for o in overrides if o.lstrip("+").split("=", 1)[0] in GROUPS]
         base = compose("config", overrides=searchpath + group_only)
         for o in overrides:
@@ -151,4 +202,5 @@ def compose_config(config_dirs: list[str], overrides: list[str]) -> DictConfig:
             raise ConfigError(str(e).splitlines()[0]) from None
     GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
+    _check_interpolations(cfg)
     return cfg
