@@ -17,7 +17,11 @@ EXIT_PREEMPTED = 3
 
 
 def _fail(message: str) -> int:
-    print(f"lmkit: error: {' '.join(str(message).split()) or 'failed'}", file=sys.stderr, flush=True)
+    """Print the one error line (under torchrun/SLURM only rank 0 prints: every rank checks the same input)."""
+    from lmkit.launch import is_rank_zero
+
+    if is_rank_zero():
+        print(f"lmkit: error: {' '.join(str(message).split()) or 'failed'}", file=sys.stderr, flush=True)
     return EXIT_USAGE
 
 

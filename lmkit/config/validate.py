@@ -10,6 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmkit.config.schema import TOP_LEVEL_KEYS, DataConfig, LoggerConfig, TrainerConfig
 from lmkit.errors import ConfigError, LmkitError, did_you_mean
+from lmkit.launch import apply_launch
 from lmkit.registry import Component
 
 DEFAULT_OBJECTIVE = "causal_lm"
@@ -123,7 +124,7 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     tokenizer, tokenizer_c = _component_section(cfg, pm, "tokenizer", "tokenizer")
     data = typed_section("data", cfg.get("data", {}), DataConfig)
     dataset_c = pm.get("dataset", data.source)
-    trainer = typed_section("trainer", cfg.get("trainer", {}), TrainerConfig)
+    trainer = apply_launch(typed_section("trainer", cfg.get("trainer", {}), TrainerConfig))  # torchrun/SLURM decide devices
     logger = typed_section("logger", cfg.get("logger", {}), LoggerConfig)
     callbacks = [pm.get("callback", str(n)) for n in (cfg.get("callbacks") or [])]
     max_len = getattr(model, "max_seq_len", None)
