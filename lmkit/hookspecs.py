@@ -20,7 +20,13 @@ def lmkit_register_objectives():
     ``factory(cfg, tokenizer) -> Objective`` (see :class:`lmkit.objectives.base.Objective`);
     ``config_cls`` is a dataclass of the objective's options; ``meta["kinds"]`` lists the
     architecture kinds it can train and ``meta["default_model"]`` the model config chosen
-    when the user names none.
+    when the user names none. ``meta["needs"]`` (optional) names the optional architecture
+    inputs the objective passes (:data:`lmkit.models.base.CAPABILITIES`: ``attn_mask``,
+    ``token_type_ids``, ``document_ids``, ``decoder_input_ids``, ``pooled``): a collection,
+    or a callable ``(validated cfg, architecture kind) -> collection`` when it depends on
+    options (``document_mask=true`` needs ``document_ids``). Without it, a factory that
+    subclasses ``Objective`` answers with its ``needs_for`` classmethod; any other needs
+    nothing. An architecture that lacks a needed capability is refused at compose time.
     """
 
 
@@ -28,9 +34,16 @@ def lmkit_register_objectives():
 def lmkit_register_architectures():
     """Return architectures.
 
-    ``factory(cfg) -> nn.Module`` following :mod:`lmkit.models.base`; ``config_cls`` is the
-    architecture's config dataclass; ``meta["kind"]`` is its kind
-    (``decoder``/``encoder``/``encoder_decoder``).
+    ``factory(cfg) -> nn.Module`` following :mod:`lmkit.models.base`. ``config_cls`` is the
+    architecture's config dataclass, best a subclass of
+    :class:`lmkit.models.base.ArchitectureConfig`: the core reads ``vocab_size`` (None = the
+    tokenizer's, filled in with ``dataclasses.replace`` before ``factory`` is called),
+    ``max_seq_len`` (``data.seq_len`` may not exceed it) and ``compile`` (True = the core
+    compiles it with ``torch.compile``), each with ``getattr``. ``meta["kind"]`` is its kind
+    (``decoder``/``encoder``/``encoder_decoder``); ``meta["accepts"]`` the capabilities
+    (:data:`lmkit.models.base.CAPABILITIES`) it honours. Without ``meta["accepts"]``, a class
+    factory's ``accepts`` attribute or else its ``forward`` keyword parameters are used, and
+    a function factory is not checked (:func:`lmkit.models.base.architecture_accepts`).
     """
 
 
@@ -38,7 +51,10 @@ def lmkit_register_architectures():
 def lmkit_register_optimizers():
     """Return optimizers: ``factory(param_groups, cfg) -> torch.optim.Optimizer``.
 
-    ``param_groups`` already separates parameters with and without weight decay.
+    ``param_groups`` already separates parameters with and without weight decay: the core
+    reads ``cfg.weight_decay`` (with ``getattr``, 0.0 when absent) for the first group and
+    gives the second (biases, norms, embeddings, 1-d parameters) 0.0. ``config_cls`` is best
+    a subclass of :class:`lmkit.optim.OptimizerConfigBase` (``name``, ``lr``, ``weight_decay``).
     """
 
 
@@ -78,7 +94,14 @@ def lmkit_register_datasets():
 
 @hookspec
 def lmkit_register_callbacks():
-    """Return Lightning callbacks: ``factory(cfg) -> lightning.Callback``, enabled by name in ``callbacks``."""
+    """Return Lightning callbacks: ``factory(cfg) -> lightning.Callback``, enabled by name in ``callbacks``.
+
+    ``cfg`` is the callback's validated options: an instance of its ``config_cls`` built from
+    ``callback_options.<name>`` (``+callback_options.NAME.KEY=VALUE`` on the command line;
+    unknown keys and wrong types are refused), or None when the callback has no
+    ``config_cls``. Callbacks may read ``pl_module.last_step_tokens`` (input tokens of the
+    latest training step on this rank, :class:`lmkit.module.LMModule`).
+    """
 
 
 @hookspec

@@ -27,6 +27,9 @@ class LMModule(L.LightningModule):
     ``optimizer_factory(param_groups)`` and ``scheduler_factory(optimizer, total_steps)``
     come from the registries; ``parallelize(model)`` (optional) is applied in
     :meth:`configure_model`, where strategies expect sharding to happen.
+
+    For callbacks: :attr:`last_step_tokens` is the input token count of this rank's latest
+    training step (public, documented; ``_last_step_tokens`` is its old private name).
     """
 
     def __init__(self, model, objective, optimizer_factory, scheduler_factory, weight_decay: float,
@@ -44,6 +47,13 @@ class LMModule(L.LightningModule):
         self.nonfinite_steps = 0
         self.val_nll, self.val_targets, self.val_bytes, self.val_loss = (SumMetric() for _ in range(4))
         self.history: list[dict] = []  # per-validation summaries, for the CLI report
+        #: Input tokens of this rank's latest training step: ``input_ids`` elements (padding
+        #: included) summed over the step's micro-batches; 0 before the first step. Public, for
+        #: callbacks (``train/tokens_per_s``): multiply by the data-parallel replicas for the
+        #: global count (:func:`lmkit.strategies.data_parallel_world`). Set in ``training_step``
+        #: right after forward/backward, so a step whose optimizer update was skipped for a
+        #: non-finite loss still counts the tokens it processed.
+        self.last_step_tokens: int = 0
 
     # -- setup --------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -108,6 +118,7 @@ class LMModule(L.LightningModule):
         self.data_steps += 1
         self._aux_logs: dict[str, torch.Tensor] = {}
         loss_sum, local_targets = self.forward_backward(micro_batches)
+        self.last_step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
         step_loss = loss_sum / local_targets.clamp(min=1)
         if self._nonfinite_on_any_rank(step_loss):
             return self._skip_nonfinite(opt, step_loss)
@@ -124,8 +135,12 @@ class LMModule(L.LightningModule):
             self.log(f"train/{name}", value)
         for name, value in collect_metrics(self.model).items():
             self.log(f"train/{name}", value)
-        self._last_step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
         return step_loss
+
+    @property
+    def _last_step_tokens(self) -> int:
+        """Deprecated private name of :attr:`last_step_tokens`, kept for callbacks written against it."""
+        return self.last_step_tokens
 
     def _maybe_no_sync(self, sync: bool):
         wrapped = self.trainer.model if self._trainer is not None else None

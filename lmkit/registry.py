@@ -22,7 +22,14 @@ class Component:
 
     ``name``: what users write. ``factory``: builds it (signature depends on the kind, see
     :mod:`lmkit.hookspecs`). ``config_cls``: dataclass validating its config section (None =
-    no options). ``meta``: kind-specific facts (e.g. an objective's architecture kinds).
+    no options; a callback's options come from ``callback_options.<name>``). ``meta``:
+    kind-specific facts, read at compose time:
+
+    * objective: ``kinds`` (architecture kinds it trains), ``default_model`` (the ``model=``
+      preset used when none is named), ``needs`` (capabilities it needs of the architecture:
+      a collection, or ``(cfg, kind) -> collection``);
+    * architecture: ``kind`` and ``accepts`` (capabilities it honours,
+      :data:`lmkit.models.base.CAPABILITIES`).
     """
 
     name: str

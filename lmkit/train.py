@@ -174,7 +174,7 @@ def build_trainer(run: RunConfig, run_dir: Path, plan) -> L.Trainer:
                         every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last_k, monitor="global_step",
                         mode="max", save_last=True),
     ]
-    callbacks += [Preemption()] + [c.factory(run.raw) for c in run.callbacks]
+    callbacks += [Preemption()] + [c.factory(run.callback_configs.get(c.name)) for c in run.callbacks]
     plugins = [AtomicCheckpointIO()] if getattr(plan, "atomic_checkpoints", True) else []
     trainer = L.Trainer(
         max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_check_interval,

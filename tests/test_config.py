@@ -104,3 +104,22 @@ def test_plugin_configs_are_found_by_the_same_syntax(example_plugin):
         assert run.optimizer_component.name == "signsgd" and run.model_component.name == "gpt"
     finally:
         get_plugin_manager.cache_clear()
+
+
+def test_incompatible_pair_suggests_model_presets_not_family_names():
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["+objective=mlm", "model=t5_tiny"])
+    msg = str(e.value)
+    assert ("choose a model= preset that fits: albert_base, albert_tiny, bert_base, bert_large, bert_tiny "
+            "(architectures: albert, bert)") in msg
+    assert "Drop model= to get its default (model=bert_tiny)" in msg
+
+
+def test_callback_options_are_validated_per_callback():
+    run = load_run_config(["+callback_options.token_throughput.window=8"])
+    assert run.callback_configs["token_throughput"].window == 8
+    with pytest.raises(ConfigError) as e:
+        load_run_config(["+callback_options.token_throughput.windw=8"])
+    assert "Did you mean 'callback_options.token_throughput.window'?" in str(e.value)
+    with pytest.raises(ConfigError, match="callback_options.token_throughput.window"):
+        load_run_config(["+callback_options.token_throughput.window=many"])

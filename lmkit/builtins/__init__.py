@@ -28,8 +28,10 @@ def lmkit_register_objectives():
     from lmkit.objectives.ul2 import UL2, UL2Config
 
     def objective(name, factory, config_cls, description, default_model, kinds=None):
+        # needs: (validated cfg, architecture kind) -> the capabilities the architecture must have
         return Component(name, factory, config_cls, description,
-                         meta={"kinds": tuple(kinds or factory.kinds), "default_model": default_model})
+                         meta={"kinds": tuple(kinds or factory.kinds), "default_model": default_model,
+                               "needs": factory.needs_for})
 
     return [
         objective("causal_lm", CausalLM, CausalLMConfig, "next-token prediction (GPT)", "gpt_tiny"),
@@ -57,12 +59,16 @@ def lmkit_register_architectures():
     from lmkit.models.gpt import GPT, GPTConfig
     from lmkit.models.t5 import T5, T5Config
 
+    def arch(cls):  # kind and capabilities (lmkit.models.base.CAPABILITIES) come from the class
+        return {"kind": cls.kind, "accepts": cls.accepts}
+
     return [
-        Component("gpt", GPT, GPTConfig, "GPT-2 decoder: learned positions, pre-LN, tied embeddings", meta={"kind": GPT.kind}),
-        Component("bert", BERT, BERTConfig, "BERT encoder: segment embeddings, post-LN, [CLS] pooler", meta={"kind": BERT.kind}),
-        Component("albert", ALBERT, ALBERTConfig, "ALBERT encoder: factorized embeddings, cross-layer sharing", meta={"kind": ALBERT.kind}),
-        Component("t5", T5, T5Config, "T5 encoder-decoder: RMSNorm, relative position buckets", meta={"kind": T5.kind}),
-        Component("bart", BART, BARTConfig, "BART encoder-decoder: learned positions, post-LN", meta={"kind": BART.kind}),
+        Component("gpt", GPT, GPTConfig, "GPT-2 decoder: learned positions, pre-LN, tied embeddings", meta=arch(GPT)),
+        Component("bert", BERT, BERTConfig, "BERT encoder: segment embeddings, post-LN, [CLS] pooler", meta=arch(BERT)),
+        Component("albert", ALBERT, ALBERTConfig, "ALBERT encoder: factorized embeddings, cross-layer sharing",
+                  meta=arch(ALBERT)),
+        Component("t5", T5, T5Config, "T5 encoder-decoder: RMSNorm, relative position buckets", meta=arch(T5)),
+        Component("bart", BART, BARTConfig, "BART encoder-decoder: learned positions, post-LN", meta=arch(BART)),
     ]
 
 
@@ -132,6 +138,6 @@ def lmkit_register_callbacks():
     from lmkit import callbacks as c
 
     return [
-        Component("token_throughput", c.build_token_throughput, description="logs train/tokens_per_s"),
-        Component("lr_monitor", c.build_lr_monitor, description="Lightning's LearningRateMonitor"),
+        Component("token_throughput", c.build_token_throughput, c.TokenThroughputConfig, "logs train/tokens_per_s"),
+        Component("lr_monitor", c.build_lr_monitor, c.LRMonitorConfig, "Lightning's LearningRateMonitor"),
     ]

@@ -115,5 +115,5 @@ class StrategyConfig:
 
 TOP_LEVEL_KEYS = {
     "model", "objective", "optimizer", "scheduler", "data", "tokenizer", "trainer", "strategy", "logger",
-    "seed", "resume", "fork", "callbacks", "output_dir", "experiment",
+    "seed", "resume", "fork", "callbacks", "callback_options", "output_dir", "experiment",
 }

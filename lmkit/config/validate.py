@@ -41,6 +41,8 @@ class RunConfig:
     seed: int
     resume: str | None
     model_extensions: dict = dataclasses.field(default_factory=dict)
+    #: name -> validated ``callback_options.<name>`` (the callback's ``config_cls``), None without one
+    callback_configs: dict = dataclasses.field(default_factory=dict)
 
 
 def typed_section(section_name: str, node, schema: type | None):
@@ -92,20 +94,146 @@ def _component_section(cfg: DictConfig, pm, section: str, kind: str, default: st
     return typed_section(section, node, component.config_cls), component
 
 
-def check_compatible(objective_component: Component, model_component: Component, model_choice: str | None, pm) -> None:
-    """Refuse an objective/architecture pair the objective cannot train, suggesting fixes."""
+def model_presets(pm) -> dict[str, str]:
+    """``model=`` preset -> the architecture its yaml names (``name:``), over the core and plugin config dirs."""
+    from pathlib import Path
+
+    import yaml
+
+    presets: dict[str, str] = {}
+    for d in pm.config_dirs():
+        for path in sorted(Path(d, "model").glob("*.yaml")):
+            try:
+                data = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            name = data.get("name") if isinstance(data, dict) else None
+            if isinstance(name, str):
+                presets.setdefault(path.stem, name)
+    return presets
+
+
+def _objective_needs(objective_component: Component, objective_cfg, kind) -> frozenset[str]:
+    from lmkit.errors import PluginError
+    from lmkit.objectives.base import objective_needs
+
+    try:
+        return objective_needs(objective_component, objective_cfg, kind)
+    except LmkitError:
+        raise
+    except Exception as e:  # a plugin's needs callable that breaks: name it, not a traceback
+        raise PluginError(f"objective '{objective_component.name}' ({objective_component.provider}): computing what it "
+                          f"needs of the architecture (meta['needs']) raised {type(e).__name__}: {e}") from None
+
+
+def check_compatible(objective_component: Component, model_component: Component, model_choice: str | None, pm,
+                     objective_cfg=None) -> None:
+    """Refuse an objective/architecture pair the objective cannot train, suggesting fixes.
+
+    Two checks: the architecture's kind is one of the objective's ``meta["kinds"]``, and it
+    accepts every capability the objective needs under its validated ``objective_cfg``
+    (:func:`lmkit.objectives.base.objective_needs` against
+    :func:`lmkit.models.base.architecture_accepts`; an architecture whose capabilities cannot
+    be known is not checked). The error names the ``model=`` presets that would work.
+    """
+    from lmkit.models.base import CAPABILITIES, architecture_accepts
+
     kinds = tuple(objective_component.meta.get("kinds", ()))
     kind = model_component.meta.get("kind")
-    if not kinds or kind in kinds:
+    objective, model = objective_component.name, model_choice or model_component.name
+
+    def missing_of(component: Component, unknown_fits: bool = True) -> list[str]:
+        """Needed capabilities ``component`` lacks; one whose capabilities are unknown lacks none
+        (or, for suggestions, ``unknown_fits=False``, all of them)."""
+        needs = _objective_needs(objective_component, objective_cfg, component.meta.get("kind"))
+        accepts = architecture_accepts(component)
+        if accepts is None:
+            return [] if unknown_fits else sorted(needs)
+        return sorted(needs - accepts)
+
+    def fixes(first: list[str]) -> str:
+        """'A, b, or c.' from the fixes that apply, ending with the presets (or architectures) that fit."""
+        options = list(first)
+        default = objective_component.meta.get("default_model")
+        if default and default != model:
+            options.append(f"drop model= to get its default (model={default})")
+        fitting = sorted(c.name for c in pm.registries["architecture"]
+                         if (not kinds or c.meta.get("kind") in kinds) and not missing_of(c, unknown_fits=False))
+        presets = sorted(p for p, arch in model_presets(pm).items() if arch in fitting)
+        if presets:
+            options.append(f"choose a model= preset that fits: {', '.join(presets)} "
+                           f"(architectures: {', '.join(fitting)})")
+        elif fitting:
+            options.append(f"choose an architecture that fits: {', '.join(fitting)} (no model= preset names one)")
+        text = ", or ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
+        if not fitting:
+            text = (text + ". " if text else "") + "No installed architecture fits"
+        return text[:1].upper() + text[1:] + "."
+
+    if kinds and kind not in kinds:
+        article = "an" if kinds[0][0] in "aeiou" else "a"
+        raise ConfigError(
+            f"objective '{objective}' needs {article} {' or '.join(kinds)} architecture, but model '{model}' is of kind "
+            f"{kind} ({model_component.name}). {fixes([])}"
+        )
+    missing = missing_of(model_component)
+    if not missing:
         return
-    working = sorted(c.name for c in pm.registries["architecture"] if c.meta.get("kind") in kinds)
-    default = objective_component.meta.get("default_model")
-    fix = f" Drop model= to get its default (model={default})" if default else ""
+    described = "; ".join(f"{cap} ({CAPABILITIES[cap]})" if cap in CAPABILITIES else cap for cap in missing)
+    first = []
+    if "document_ids" in missing and getattr(objective_cfg, "document_mask", False):
+        first.append("set objective.document_mask=false")
+    accepts = sorted(architecture_accepts(model_component))
     raise ConfigError(
-        f"objective '{objective_component.name}' needs {'an' if kinds[0][0] in 'aeiou' else 'a'} {' or '.join(kinds)} architecture, but model "
-        f"'{model_choice or model_component.name}' is of kind {kind} ({model_component.name}).{fix}, or choose an "
-        f"architecture of a fitting kind: {', '.join(working) or 'none installed'}."
+        f"objective '{objective}' needs an architecture that accepts {described}, but architecture "
+        f"'{model_component.name}' (model={model}, from {model_component.provider or 'an unknown distribution'}) "
+        f"does not (it accepts: {', '.join(accepts) or 'no optional inputs'}). {fixes(first)}"
     )
+
+
+def resolve_callbacks(cfg: DictConfig, pm) -> tuple[list[Component], dict[str, Any]]:
+    """``callbacks`` (a list of names) and ``callback_options.<name>`` (their options), validated.
+
+    Returns the enabled callbacks' components and name -> validated options (an instance of
+    the callback's ``config_cls``, defaults for keys not given; None for a callback without
+    one). Options of a callback that is not enabled, or of one without options, are refused.
+    """
+    names = cfg.get("callbacks") or []
+    if isinstance(names, str):
+        names = [names]
+    components = []
+    for entry in names:
+        if not isinstance(entry, str):
+            raise ConfigError(
+                f"callbacks lists callback names, got {entry!r}. A callback's options go under "
+                f"callback_options.<name>, e.g. +callback_options.lr_monitor.logging_interval=epoch"
+            )
+        components.append(pm.get("callback", entry))
+    options = cfg.get("callback_options") or {}
+    if not isinstance(options, (dict, DictConfig)):
+        raise ConfigError(f"callback_options must map callback names to their options, got {options!r}")
+    enabled = {c.name for c in components}
+    for name in options:
+        if name in enabled:
+            continue
+        if name not in pm.registries["callback"]:
+            raise ConfigError(f"callback_options.{name}: {pm.registries['callback'].unknown_message(str(name))}")
+        listed = ",".join([c.name for c in components] + [str(name)])
+        raise ConfigError(f"callback_options.{name} is set, but callback '{name}' is not enabled: add it to callbacks "
+                          f"(callbacks=[{listed}]) or drop its options.")
+    configs: dict[str, Any] = {}
+    for c in components:
+        node = options.get(c.name)
+        if node is not None and not isinstance(node, (dict, DictConfig)):
+            raise ConfigError(f"callback_options.{c.name} must be a mapping of option: value, got {node!r}")
+        if c.config_cls is None:
+            if node:
+                raise ConfigError(f"callback '{c.name}' ({c.provider}) takes no options, but callback_options.{c.name} "
+                                  f"sets {', '.join(str(k) for k in node)}.")
+            configs[c.name] = None
+        else:
+            configs[c.name] = typed_section(f"callback_options.{c.name}", node or {}, c.config_cls)
+    return components, configs
 
 
 def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConfig:
@@ -117,7 +245,7 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     objective, objective_c = _component_section(cfg, pm, "objective", "objective", DEFAULT_OBJECTIVE)
     model_node, extensions = _split_model_extensions(cfg.get("model"), pm)
     model, model_c = _component_section(cfg, pm, "model", "architecture", node=model_node)
-    check_compatible(objective_c, model_c, model_choice, pm)
+    check_compatible(objective_c, model_c, model_choice, pm, objective)
     optimizer, optimizer_c = _component_section(cfg, pm, "optimizer", "optimizer")
     scheduler, scheduler_c = _component_section(cfg, pm, "scheduler", "scheduler")
     strategy, strategy_c = _component_section(cfg, pm, "strategy", "strategy")
@@ -126,7 +254,7 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     dataset_c = pm.get("dataset", data.source)
     trainer = apply_launch(typed_section("trainer", cfg.get("trainer", {}), TrainerConfig))  # torchrun/SLURM decide devices
     logger = typed_section("logger", cfg.get("logger", {}), LoggerConfig)
-    callbacks = [pm.get("callback", str(n)) for n in (cfg.get("callbacks") or [])]
+    callbacks, callback_configs = resolve_callbacks(cfg, pm)
     max_len = getattr(model, "max_seq_len", None)
     if max_len is not None and data.seq_len > max_len:
         raise ConfigError(
@@ -138,4 +266,4 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return RunConfig(cfg, model, model_c, objective, objective_c, optimizer, optimizer_c, scheduler, scheduler_c,
                      strategy, strategy_c, tokenizer, tokenizer_c, data, dataset_c, trainer, logger, callbacks,
-                     seed, cfg.get("resume"), extensions)
+                     seed, cfg.get("resume"), extensions, callback_configs=callback_configs)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lmkit.models.bert import MLMHead
+from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
 from lmkit.models.layers import (Pooler, PostLNBlock, apply_documents, build_attention_bias, require_vocab_size,
                                  sum_embeddings)
@@ -36,7 +37,7 @@ ALBERT_SHARE_MODES = ("all", "attention", "ffn", "none")
 
 
 @dataclass
-class ALBERTConfig:
+class ALBERTConfig(ArchitectureConfig):
     """Sizes and options of :class:`ALBERT`. ``vocab_size`` None = taken from the tokenizer.
 
     albert-base: 12 × 768, 12 heads, d_ff 3072, E 128, share "all" (12M parameters).
@@ -65,6 +66,7 @@ class ALBERT(nn.Module):
     """Bidirectional encoder with factorized embeddings and cross-layer parameter sharing."""
 
     kind = "encoder"
+    accepts = frozenset({"attn_mask", "token_type_ids", "document_ids", "pooled"})
 
     def __init__(self, cfg: ALBERTConfig):
         super().__init__()

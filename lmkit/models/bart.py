@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
 from lmkit.models.layers import PostLNBlock, build_attention_bias, cross_attention_mask, require_vocab_size
 
 
 @dataclass
-class BARTConfig:
+class BARTConfig(ArchitectureConfig):
     """Sizes and options of :class:`BART`. ``vocab_size`` None = taken from the tokenizer.
 
     bart-base: 6+6 layers, d_model 768, 12 heads, d_ff 3072; bart-large: 12+12, 1024, 16, 4096.
@@ -74,6 +75,7 @@ class BART(nn.Module):
     """BART encoder–decoder. ``forward`` needs ``decoder_input_ids`` (the shifted targets)."""
 
     kind = "encoder_decoder"
+    accepts = frozenset({"attn_mask", "token_type_ids", "decoder_input_ids"})  # token_type_ids: taken, ignored
     logits_are_linear = True  # logits(h) == h @ output_embedding().T: objectives may fuse head and loss
 
     def __init__(self, cfg: BARTConfig):

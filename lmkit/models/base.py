@@ -8,16 +8,19 @@ Contract (plugin authors build against it):
 
 * ``kind``: ``"decoder"``, ``"encoder"`` or ``"encoder_decoder"``.
 * ``d_model``, ``vocab_size``, ``max_seq_len``: ints.
-* ``forward(input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
-  decoder_input_ids=None, decoder_padding_mask=None) -> Tensor[B, T, d_model]`` —
+* ``forward(input_ids, *, padding_mask=None, **optional) -> Tensor[B, T, d_model]`` —
   the last hidden states (the decoder's, for encoder–decoders), final norm applied.
-  ``padding_mask`` is bool [B, T], True for real tokens. ``attn_mask`` is an optional
-  bool [B, T, T] (True = may attend) that replaces the architecture's default
-  (causal for decoders, bidirectional for encoders); prefix LM and UniLM masks use it.
-  Decoders and encoders may also accept ``document_ids`` (int [B, T], the number of the
-  packed document each token belongs to): attention then stays inside each document and
-  positions restart at each document's first token. Objectives pass it only when their
-  ``document_mask`` option is on.
+  ``padding_mask`` is bool [B, T], True for real tokens; every architecture takes it. The
+  optional keyword inputs are those of the capabilities in ``accepts`` (below), and an
+  objective passes only the ones it needs: ``attn_mask``, an optional bool [B, T, T]
+  (True = may attend) that replaces the architecture's default (causal for decoders,
+  bidirectional for encoders; the encoder's for encoder–decoders), used by prefix LM and
+  UniLM masks; ``token_type_ids``, int [B, T] segment ids (an architecture without segment
+  embeddings may take and ignore them); ``document_ids``, int [B, T], the number of the
+  packed document each token belongs to: attention then stays inside each document and
+  positions restart at each document's first token (objectives pass it only when their
+  ``document_mask`` option is on); ``decoder_input_ids`` with ``decoder_padding_mask``,
+  the decoder's inputs of an encoder–decoder. The built-ins take all of these keywords.
 * ``output_embedding() -> Tensor[V, d_model]``: the weight that maps hidden states to
   vocabulary logits (tied to the input embedding where the architecture ties).
 * ``logits(hidden) -> Tensor[..., V]``: the architecture's own LM head. An architecture
@@ -30,15 +33,100 @@ Contract (plugin authors build against it):
   plugin does this).
 * ``embedding_modules() -> list[nn.Module]``: input embeddings (for pipeline stage 0 and
   for excluding from weight decay).
+* ``accepts``: the optional inputs (:data:`CAPABILITIES`) the architecture honours, e.g.
+  ``frozenset({"attn_mask", "document_ids"})``. Registration copies it into
+  ``Component.meta["accepts"]``; the config check refuses an objective that needs an input
+  the architecture does not honour (see :func:`architecture_accepts` for what an
+  architecture that declares nothing is taken to accept).
+
+Config contract (the dataclass registered as the architecture's ``config_cls``; subclass
+:class:`ArchitectureConfig`): the core reads ``vocab_size`` (None = the tokenizer's; the core
+fills it in with ``dataclasses.replace`` before calling the factory, so the config must be a
+dataclass), ``max_seq_len`` (``data.seq_len`` may not exceed it; read with ``getattr``, so an
+architecture without a position limit may leave it out) and ``compile`` (True = the core
+compiles the built model in place with ``trainer.compile_backend``/``compile_mode``). ``name``
+is the registered architecture name.
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
 ARCHITECTURE_KINDS = ("decoder", "encoder", "encoder_decoder")
+
+#: Optional architecture inputs, beyond ``input_ids`` and ``padding_mask`` (which every
+#: architecture takes). An architecture declares the ones it honours in ``accepts``; an
+#: objective declares the ones it needs (:meth:`lmkit.objectives.base.Objective.needs_for`).
+CAPABILITIES: dict[str, str] = {
+    "attn_mask": "a [B, T, T] attention mask that replaces the default causal/bidirectional one",
+    "token_type_ids": "segment ids [B, T], added as segment embeddings where the architecture has them",
+    "document_ids": "per-token document ids [B, T] that keep attention inside each packed document",
+    "decoder_input_ids": "the decoder inputs (and decoder_padding_mask) of an encoder-decoder",
+    "pooled": "a pooled() sentence representation for sentence-level heads",
+}
+
+#: Forward keyword arguments that stand for a capability (``pooled`` is a method instead).
+_KWARG_CAPABILITIES = ("attn_mask", "token_type_ids", "document_ids", "decoder_input_ids")
+
+
+@dataclass
+class ArchitectureConfig:
+    """Base of architecture config dataclasses: the fields the core reads (see the module doc).
+
+    Subclass it and add the architecture's own sizes and options::
+
+        @dataclass
+        class MyConfig(ArchitectureConfig):
+            name: str = "mine"
+            n_layer: int = 4
+            d_model: int = 128
+
+    ``vocab_size=None`` means "the tokenizer's vocabulary" (filled in by the core);
+    ``max_seq_len`` bounds ``data.seq_len``; ``compile=True`` makes the core ``torch.compile`` the model.
+    """
+
+    name: str = ""
+    vocab_size: int | None = None
+    max_seq_len: int = 512
+    compile: bool = False
+
+
+def architecture_accepts(component) -> frozenset[str] | None:
+    """The capabilities a registered architecture honours, or None when they cannot be known.
+
+    In order: ``component.meta["accepts"]``; the ``accepts`` attribute of the factory when the
+    factory is a class; for a factory class that declares nothing, the capabilities named by
+    its ``forward``'s keyword parameters (all of them when ``forward`` takes ``**kwargs``) plus
+    ``pooled`` when it has a ``pooled`` method. A plain-function factory that declares nothing
+    gives None: such an architecture is not checked (every objective of a fitting kind is
+    accepted, as before capabilities existed).
+    """
+    declared = component.meta.get("accepts")
+    if declared is not None:
+        return frozenset(declared)
+    factory = component.factory
+    if not inspect.isclass(factory):
+        return None
+    if getattr(factory, "accepts", None) is not None:
+        return frozenset(factory.accepts)
+    forward = getattr(factory, "forward", None)
+    if forward is None:
+        return None
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        found = set(_KWARG_CAPABILITIES)
+    else:
+        found = {p.name for p in params if p.name in _KWARG_CAPABILITIES}
+    if callable(getattr(factory, "pooled", None)):
+        found.add("pooled")
+    return frozenset(found)
 
 
 def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:

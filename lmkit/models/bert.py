@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
 from lmkit.models.layers import (Pooler, PostLNBlock, apply_documents, build_attention_bias, require_vocab_size,
                                  sum_embeddings)
 
 
 @dataclass
-class BERTConfig:
+class BERTConfig(ArchitectureConfig):
     """Sizes and options of :class:`BERT`. ``vocab_size`` None = taken from the tokenizer.
 
     base: 12 layers × 768, 12 heads (110M); large: 24 × 1024, 16 heads (≈340M).
@@ -63,6 +64,7 @@ class BERT(nn.Module):
     """Bidirectional transformer encoder (BERT)."""
 
     kind = "encoder"
+    accepts = frozenset({"attn_mask", "token_type_ids", "document_ids", "pooled"})
 
     def __init__(self, cfg: BERTConfig):
         super().__init__()

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
 from lmkit.models.layers import MLP, SelfAttention, apply_documents, build_attention_bias, sum_embeddings
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ArchitectureConfig):
     """Sizes and options of :class:`GPT`. ``vocab_size`` None = taken from the tokenizer."""
 
     name: str = "gpt"
@@ -52,6 +53,7 @@ class GPT(nn.Module):
     """
 
     kind = "decoder"
+    accepts = frozenset({"attn_mask", "token_type_ids", "document_ids"})  # token_type_ids: taken, ignored
     logits_are_linear = True  # logits(h) == h @ output_embedding().T: objectives may fuse head and loss
 
     def __init__(self, cfg: GPTConfig):

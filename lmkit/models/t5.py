@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
 from lmkit.models.layers import (
     MLP,
@@ -42,7 +43,7 @@ T5_INIT_SCHEMES = ("t5", "normal", "xavier")
 
 
 @dataclass
-class T5Config:
+class T5Config(ArchitectureConfig):
     """Sizes and options of :class:`T5`. ``vocab_size`` None = taken from the tokenizer.
 
     t5-small: 6+6 layers, d_model 512, 8 heads, d_ff 2048; t5-base: 12+12, 768, 12, 3072.
@@ -170,6 +171,7 @@ class T5(nn.Module):
     """T5 encoder–decoder. ``forward`` needs ``decoder_input_ids`` (the shifted targets)."""
 
     kind = "encoder_decoder"
+    accepts = frozenset({"attn_mask", "token_type_ids", "decoder_input_ids"})  # token_type_ids: taken, ignored
     logits_are_linear = True  # logits(h) == head_input(h) @ output_embedding().T: objectives may fuse head and loss
 
     def __init__(self, cfg: T5Config):

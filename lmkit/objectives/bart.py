@@ -80,6 +80,7 @@ class BARTDenoising(Objective):
     """BART's denoising autoencoder on an encoder–decoder."""
 
     kinds = ("encoder_decoder",)
+    needs = frozenset({"decoder_input_ids"})
 
     def __init__(self, cfg: BARTDenoisingConfig, tokenizer):
         super().__init__(cfg, tokenizer)

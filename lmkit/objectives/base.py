@@ -46,15 +46,38 @@ class Collator:
 class Objective(nn.Module):
     """Base class of training objectives.
 
-    Subclasses set ``kinds`` (architecture kinds they train), and implement
+    Subclasses set ``kinds`` (architecture kinds they train) and ``needs`` (the optional
+    architecture inputs they pass, see :meth:`needs_for`), and implement
     :meth:`block_layout`, :meth:`make_collator`, :meth:`attach` (build heads that depend on
     the model) and :meth:`loss`. Heads are sub-modules of the objective, so they are
     trained, checkpointed and sharded with the model.
     """
 
     kinds: tuple[str, ...] = ()
+    #: optional architecture inputs (:data:`lmkit.models.base.CAPABILITIES`) this objective
+    #: always passes; options that add more are handled by :meth:`needs_for`
+    needs: frozenset[str] = frozenset()
     #: sentinel tokens this objective needs at the top of the vocabulary
     required_sentinels: int = 0
+    #: True when the LM targets are every token of the text in order (causal LM): only then is
+    #: Σ NLL / (bytes · ln 2) a compression rate comparable across tokenizers, and reported as
+    #: ``val/bpb``. Objectives that score a sample of the tokens (masked spans, a suffix) do not.
+    scores_every_byte: bool = False
+
+    @classmethod
+    def needs_for(cls, cfg, kind: str | None) -> frozenset[str]:
+        """The capabilities an architecture of ``kind`` must have to train under the validated ``cfg``.
+
+        Checked at compose time, before anything is built (the registration copies this
+        method into ``Component.meta["needs"]``). The default: ``needs``, plus
+        ``document_ids`` when ``cfg.document_mask`` is true. Override it when the inputs
+        depend on other options or on the architecture kind (prefix LM passes an attention
+        mask to a decoder, decoder inputs to an encoder–decoder).
+        """
+        needs = set(cls.needs)
+        if getattr(cfg, "document_mask", False):
+            needs.add("document_ids")
+        return frozenset(needs)
 
     def __init__(self, cfg, tokenizer: Tokenizer):
         super().__init__()
@@ -112,6 +135,22 @@ class Objective(nn.Module):
         valid = flat_labels != IGNORE_INDEX
         n_bytes = self.byte_lengths[flat_labels.clamp(min=0)][valid].sum()
         return LossOutput(loss_sum=nll_sum, n_targets=valid.sum(), nll_sum=nll_sum, n_bytes=n_bytes)
+
+
+def objective_needs(component, cfg, kind: str | None) -> frozenset[str]:
+    """What a registered objective needs of an architecture of ``kind`` under its validated ``cfg``.
+
+    ``component.meta["needs"]``: a collection of capability names, or a callable
+    ``(cfg, kind) -> collection``. Without it, an :class:`Objective` subclass factory answers
+    with :meth:`Objective.needs_for`; any other factory needs nothing (not checked).
+    """
+    needs = component.meta.get("needs")
+    factory = component.factory
+    if needs is None and isinstance(factory, type) and issubclass(factory, Objective):
+        needs = factory.needs_for
+    if needs is None:
+        return frozenset()
+    return frozenset(needs(cfg, kind) if callable(needs) else needs)
 
 
 def document_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -70,6 +70,7 @@ class MLM(Objective):
     """BERT's masked LM: predict the selected tokens of ``[CLS] block [SEP]`` (blocks of seq_len − 2)."""
 
     kinds = ("encoder",)
+    needs = frozenset({"token_type_ids"})  # all zeros; document_ids too with document_mask=true
 
     def __init__(self, cfg: MLMConfig, tokenizer):
         super().__init__(cfg, tokenizer)

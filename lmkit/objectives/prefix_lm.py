@@ -68,6 +68,17 @@ class PrefixLM(Objective):
 
     kinds = ("decoder", "encoder_decoder")
 
+    @classmethod
+    def needs_for(cls, cfg, kind: str | None) -> frozenset[str]:
+        """Decoder form: an attention mask (bidirectional prefix); encoder–decoder form: decoder inputs."""
+        form = getattr(cfg, "form", "auto")
+        form = kind if form == "auto" else form
+        if form == "decoder":
+            return frozenset({"attn_mask"})
+        if form == "encoder_decoder":
+            return frozenset({"decoder_input_ids"})
+        return frozenset()
+
     def __init__(self, cfg: PrefixLMConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.vocab = noise_vocab(tokenizer)

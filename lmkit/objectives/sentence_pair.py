@@ -111,6 +111,7 @@ class SentencePair(MLM):
     """BERT's MLM + NSP, or ALBERT's MLM + SOP (``cfg.task``); blocks of ``seq_len − 3`` tokens."""
 
     kinds = ("encoder",)
+    needs = frozenset({"token_type_ids", "pooled"})  # segment A/B ids; the [CLS] pooler feeds the pair head
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)

@@ -97,6 +97,7 @@ class SpanBERT(MLM):
     """MLM + SBO on ``[CLS] block [SEP]``."""
 
     kinds = ("encoder",)
+    needs = frozenset({"token_type_ids"})  # all zeros (one segment)
 
     def __init__(self, cfg: SpanBERTConfig, tokenizer):
         super().__init__(cfg, tokenizer)

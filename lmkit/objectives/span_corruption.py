@@ -103,6 +103,7 @@ class SpanCorruption(Objective):
     """T5's span corruption on an encoder–decoder."""
 
     kinds = ("encoder_decoder",)
+    needs = frozenset({"decoder_input_ids"})
 
     def __init__(self, cfg: SpanCorruptionConfig, tokenizer):
         super().__init__(cfg, tokenizer)

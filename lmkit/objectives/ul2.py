@@ -111,6 +111,7 @@ class UL2(Objective):
     """UL2's mixture of denoisers."""
 
     kinds = ("encoder_decoder",)
+    needs = frozenset({"decoder_input_ids"})
 
     def __init__(self, cfg: UL2Config, tokenizer):
         super().__init__(cfg, tokenizer)

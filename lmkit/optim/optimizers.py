@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lmkit.errors import ConfigError
+from lmkit.optim.base import OptimizerConfigBase
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(OptimizerConfigBase):
     """Options shared by the built-in optimizers (each uses the ones that apply to it)."""
 
     name: str = "adamw"
@@ -25,10 +26,7 @@ class OptimizerConfig:
     fused: bool | None = None
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        super().__post_init__()
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
 

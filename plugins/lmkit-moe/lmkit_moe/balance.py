@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -112,8 +113,27 @@ class MoEBalance(L.Callback):
                   f"(worst {worst_recent:.2f}; whole run worst {worst_total:.2f})", flush=True)
 
 
-def build_moe_balance(cfg) -> MoEBalance:
-    return MoEBalance()
+@dataclass
+class MoEBalanceConfig:
+    """Options of ``moe_balance`` (``+callback_options.moe_balance.window=100``).
+
+    ``window``: the recent steps the "last steps" ratios cover. ``verbose``: print the
+    per-layer summary on rank 0 at the end of training.
+    """
+
+    window: int = 50
+    verbose: bool = True
+
+    def __post_init__(self):
+        if self.window < 1:
+            from lmkit.errors import ConfigError
+
+            raise ConfigError(f"callback_options.moe_balance.window must be >= 1, got {self.window}")
 
 
-__all__ = ["MoEBalance", "build_moe_balance", "load_ratios"]
+def build_moe_balance(cfg: MoEBalanceConfig | None) -> MoEBalance:
+    cfg = cfg or MoEBalanceConfig()
+    return MoEBalance(window=cfg.window, verbose=cfg.verbose)
+
+
+__all__ = ["MoEBalance", "MoEBalanceConfig", "build_moe_balance", "load_ratios"]

@@ -171,7 +171,7 @@ def lmkit_config_dirs():
 
 @lmkit.hookimpl
 def lmkit_register_callbacks():
-    from lmkit_moe.balance import build_moe_balance
+    from lmkit_moe.balance import MoEBalanceConfig, build_moe_balance
 
-    return [lmkit.Component("moe_balance", build_moe_balance,
+    return [lmkit.Component("moe_balance", build_moe_balance, MoEBalanceConfig,
                             description="end-of-training max/min expert load ratio per MoE layer")]
