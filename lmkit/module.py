@@ -186,7 +186,7 @@ class LMModule(L.LightningModule):
             self.val_targets.update(out.n_targets.float())
             for name, value in out.logs.items():  # the objective's own metrics, averaged over batches
                 self.log(f"val/{name}", value.float(), on_step=False, on_epoch=True,
-                         batch_size=int(mb["input_ids"].shape[0]))
+                         batch_size=int(mb["input_ids"].shape[0]), sync_dist=True)
             if out.nll_sum is not None:
                 self.val_nll.update(out.nll_sum.float())
                 self.val_bytes.update(out.n_bytes.float())
@@ -200,10 +200,12 @@ class LMModule(L.LightningModule):
         if float(targets) > 0 and float(self.val_bytes.compute()) > 0:
             mean_nll = nll / targets
             ppl = torch.exp(mean_nll.clamp(max=30))
-            bpb = nll / (self.val_bytes.compute() * math.log(2))
             self.log("val/ppl", ppl)
-            self.log("val/bpb", bpb)
-            summary.update({"val/ppl": float(ppl), "val/bpb": float(bpb)})
+            summary["val/ppl"] = float(ppl)
+            if getattr(self.objective, "scores_every_byte", False):
+                bpb = nll / (self.val_bytes.compute() * math.log(2))
+                self.log("val/bpb", bpb)
+                summary["val/bpb"] = float(bpb)
         for m in (self.val_nll, self.val_targets, self.val_bytes, self.val_loss):
             m.reset()
         self.history.append(summary)

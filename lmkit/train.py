@@ -21,6 +21,7 @@ from lmkit.errors import CheckpointError, ConfigError, did_you_mean
 from lmkit.module import LMModule
 from lmkit.preemption import Preemption
 from lmkit.process_exit import close_process_group
+from lmkit.quiet import ProgressBar, quiet_lightning
 from lmkit.tokenizers.trained import load_tokenizer_file
 
 
@@ -95,9 +96,14 @@ def _loggers(run: RunConfig, run_dir: Path):
     mode = cfg.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
-    return WandbLogger(project=cfg.project, entity=cfg.entity, save_dir=str(run_dir), offline=mode == "offline",
-                       mode=mode if mode == "disabled" else None, tags=list(cfg.tags),
-                       config=OmegaConf.to_container(run.raw, resolve=True))
+    logger = WandbLogger(project=cfg.project, entity=cfg.entity, save_dir=str(run_dir), offline=mode == "offline",
+                         mode=mode if mode == "disabled" else None, tags=list(cfg.tags),
+                         config=OmegaConf.to_container(run.raw, resolve=True))
+    # Lightning always passes wandb's deprecated `anonymous` setting (None here), and wandb then
+    # warns that it has no effect: leave it out of the init arguments
+    if getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def _keep_previous_csv(path: Path) -> None:
@@ -175,6 +181,9 @@ def build_trainer(run: RunConfig, run_dir: Path, plan) -> L.Trainer:
                         mode="max", save_last=True),
     ]
     callbacks += [Preemption()] + [c.factory(run.callback_configs.get(c.name)) for c in run.callbacks]
+    if t.progress_bar:
+        callbacks.append(ProgressBar())
+    quiet_lightning()
     plugins = [AtomicCheckpointIO()] if getattr(plan, "atomic_checkpoints", True) else []
     trainer = L.Trainer(
         max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_check_interval,
@@ -247,7 +256,9 @@ def format_summary(summary: dict) -> str:
             return "n/a"
         parts = [f"loss {m['val/loss']:.4f}"]
         if "val/ppl" in m:
-            parts += [f"perplexity {m['val/ppl']:.3f}", f"bits/byte {m['val/bpb']:.3f}"]
+            parts.append(f"perplexity {m['val/ppl']:.3f}")
+        if "val/bpb" in m:  # causal LM only: the other objectives score a sample of the tokens
+            parts.append(f"bits/byte {m['val/bpb']:.3f}")
         return ", ".join(parts)
 
     lines = [f"trained {summary['steps']} steps, {summary['params'] / 1e6:.2f}M parameters"]

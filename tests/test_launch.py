@@ -103,6 +103,8 @@ def test_torchrun_without_devices_trains_in_one_directory_with_one_summary(tmp_p
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.count("trained 4 steps") == 1, out.stdout  # only rank 0 prints the summary
     assert out.stdout.count("lmkit: run directory") == 1
+    for text in ("sync_dist=True", "litlogger", "manual optimization"):  # nothing that does not apply
+        assert text not in out.stdout + out.stderr, text
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1, run_dirs
     assert (run_dirs[0] / "checkpoints" / "last.ckpt").exists()

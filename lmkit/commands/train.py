@@ -60,7 +60,8 @@ def main(argv: list[str]) -> int:
 
         return version_main([])
     preflight(args, pm)
-    _choose_run_dir(args)
+    if "--cfg" not in args.hydra_flags and "-c" not in args.hydra_flags:  # --cfg only prints the config
+        _choose_run_dir(args)
     return _run_hydra(pm.config_dirs(), args)
 
 

@@ -53,6 +53,7 @@ class CausalLM(Objective):
     """
 
     kinds = ("decoder",)
+    scores_every_byte = True
 
     def __init__(self, cfg: CausalLMConfig, tokenizer):
         super().__init__(cfg, tokenizer)

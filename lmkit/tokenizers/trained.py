@@ -125,7 +125,8 @@ class TrainedTokenizer(Tokenizer):
 def load_or_train(kind: str, texts: Callable[[], Iterable[str]], corpus_fingerprint: str, cache_dir: Path,
                   vocab_size: int, num_sentinels: int, min_frequency: int = 2) -> TrainedTokenizer:
     """The cached tokenizer for this corpus and settings, training it on first use."""
-    path = Path(cache_dir) / "tokenizers" / f"{kind}-{vocab_size}-{min_frequency}-{corpus_fingerprint}.json"
+    corpus_key = hashlib.sha256(corpus_fingerprint.encode()).hexdigest()[:16]  # fingerprints hold any characters
+    path = Path(cache_dir) / "tokenizers" / f"{kind}-{vocab_size}-{min_frequency}-{corpus_key}.json"
     if path.exists():
         hf = HFTokenizer.from_file(str(path))
     else:
