@@ -57,12 +57,19 @@ def _requested_count(devices) -> int | None:
     return None  # "auto", "-1": let the launcher decide
 
 
-def apply_launch(trainer_cfg, launch: Launch | None = None):
-    """``trainer_cfg`` with devices and num_nodes taken from the launcher (ConfigError if they contradict it)."""
+def apply_launch(trainer_cfg, launch: Launch | None = None, strict: bool = True):
+    """``trainer_cfg`` with devices and num_nodes left at their defaults taken from the launcher.
+
+    ``strict``: raise ConfigError when explicit values contradict the launcher (the CLI does;
+    API code under torchrun may build a one-process reference run that never trains).
+    """
     launch = detect_launch() if launch is None else launch
     if launch is None:
         return trainer_cfg
     asked = _requested_count(trainer_cfg.devices)
+    if not strict:
+        return dataclasses.replace(trainer_cfg, devices=launch.devices if asked is None else trainer_cfg.devices,
+                                   num_nodes=launch.num_nodes if trainer_cfg.num_nodes == 1 else trainer_cfg.num_nodes)
     if asked is not None and asked != launch.devices:
         raise ConfigError(
             f"trainer.devices={trainer_cfg.devices} but {launch.launcher} started {launch.devices} processes per node; "

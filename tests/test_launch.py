@@ -43,6 +43,9 @@ def test_devices_and_nodes_come_from_the_launcher():
     with pytest.raises(ConfigError, match="trainer.num_nodes=3 but torchrun started 2 node"):
         apply_launch(trainer(num_nodes=3), launch)
     assert apply_launch(trainer(), None) is not None
+    # API code under torchrun may build a one-process reference run: not refused, defaults still filled
+    assert apply_launch(trainer(devices=1), launch, strict=False).devices == 1
+    assert apply_launch(trainer(), launch, strict=False).devices == 4
 
 
 def _free_port() -> int:

@@ -39,11 +39,13 @@ def preflight(args, pm) -> None:
     """Compose and validate every job (each combination of a sweep) before anything is written."""
     from lmkit.config.compose import compose_config, expand_sweeps
     from lmkit.config.validate import resolve_run
+    from lmkit.launch import apply_launch
 
     config_dirs = pm.config_dirs()
     for overrides in expand_sweeps(args.overrides):
         choice = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("model=")), None)
-        resolve_run(compose_config(config_dirs, overrides), pm, model_choice=choice)
+        run = resolve_run(compose_config(config_dirs, overrides), pm, model_choice=choice)
+        apply_launch(run.trainer)  # explicit devices/num_nodes must agree with torchrun/SLURM
 
 
 def main(argv: list[str]) -> int:

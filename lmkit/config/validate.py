@@ -252,7 +252,8 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     tokenizer, tokenizer_c = _component_section(cfg, pm, "tokenizer", "tokenizer")
     data = typed_section("data", cfg.get("data", {}), DataConfig)
     dataset_c = pm.get("dataset", data.source)
-    trainer = apply_launch(typed_section("trainer", cfg.get("trainer", {}), TrainerConfig))  # torchrun/SLURM decide devices
+    # under torchrun/SLURM, devices and nodes left at their defaults come from the launcher
+    trainer = apply_launch(typed_section("trainer", cfg.get("trainer", {}), TrainerConfig), strict=False)
     logger = typed_section("logger", cfg.get("logger", {}), LoggerConfig)
     callbacks, callback_configs = resolve_callbacks(cfg, pm)
     max_len = getattr(model, "max_seq_len", None)
