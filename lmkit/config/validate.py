@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +47,21 @@ class RunConfig:
 
 
 def typed_section(section_name: str, node, schema: type | None):
-    """Merge ``node`` into the dataclass ``schema``; unknown keys and wrong types name the key."""
+    """Merge ``node`` into the dataclass ``schema``; unknown keys and wrong types name the key.
+
+    A float the user set must be finite: NaN or inf anywhere (a learning rate, a dropout, a
+    timeout) is refused, naming the key; a schema's own non-finite default is left alone.
+    """
     if schema is None:
         return node
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        from lmkit.errors import PluginError
+
+        raise PluginError(
+            f"the config class of '{section_name}' ({getattr(schema, '__module__', '?')}."
+            f"{getattr(schema, '__qualname__', type(schema).__name__)}) is not a dataclass: a component's config_cls "
+            f"must be a @dataclass (or None for no options). Fix or uninstall the plugin that registers it."
+        )
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
     field_names = {f.name for f in dataclasses.fields(schema)}
     if "name" not in field_names:
@@ -59,7 +72,7 @@ def typed_section(section_name: str, node, schema: type | None):
             raise ConfigError(f"unknown config key '{section_name}.{key}'.{hint} Valid keys: {', '.join(sorted(field_names))}.")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
-        return OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(merged)
     except LmkitError:
         raise
     except OmegaConfBaseException as e:
@@ -68,6 +81,32 @@ def typed_section(section_name: str, node, schema: type | None):
         raise ConfigError(f"invalid value for '{section_name}.{key}': {msg}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid '{section_name}' config: {e}") from None
+    except Exception as e:  # a plugin's __post_init__ that fails another way: one line naming the section
+        raise ConfigError(f"invalid '{section_name}' config: {type(e).__name__}: {e}") from None
+    _check_finite_fields(section_name, obj)
+    return obj
+
+
+def _check_finite_fields(section_name: str, obj) -> None:
+    """Every float of the dataclass ``obj`` (lists and nested dataclasses included) is finite."""
+    import math
+
+    def check(key, value, default=dataclasses.MISSING):
+        if isinstance(value, float) and not math.isfinite(value) and not (
+                isinstance(default, float) and (default == value)):
+            raise ConfigError(f"{key} must be a finite number, got {value}. NaN and inf are refused everywhere in the "
+                              f"config; write a finite value.")
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                check(f"{key}[{i}]", item)
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                check(f"{key}.{k}", item)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                check(f"{key}.{f.name}", getattr(value, f.name, None), f.default)
+
+    check(section_name, obj)
 
 
 def _split_model_extensions(model_node, pm):
@@ -236,6 +275,77 @@ def resolve_callbacks(cfg: DictConfig, pm) -> tuple[list[Component], dict[str, A
     return components, configs
 
 
+def check_accelerator_visible(trainer: TrainerConfig, cuda_count=None, mps=None) -> None:
+    """The accelerator and devices asked for exist on this machine (Lightning would raise deep in its Trainer)."""
+    import torch
+
+    accel = str(trainer.accelerator)
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if mps is None:
+        mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if accel in ("gpu", "cuda") and cuda_count == 0:
+        raise ConfigError(f"trainer.accelerator={accel} but no CUDA device is visible (torch.cuda.is_available() is "
+                          f"False{'; CUDA_VISIBLE_DEVICES=' + repr(os.environ['CUDA_VISIBLE_DEVICES']) if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}). "
+                          f"Use trainer.accelerator=cpu, or auto (a GPU when one is visible, else the CPU).")
+    if accel == "mps" and not mps:
+        raise ConfigError("trainer.accelerator=mps but Apple's MPS backend is not available here. "
+                          "Use trainer.accelerator=cpu or auto.")
+    if accel == "tpu":
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ConfigError("trainer.accelerator=tpu needs torch_xla, which is not installed. "
+                              "Use trainer.accelerator=cpu or auto.")
+    devices = trainer.devices
+    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and cuda_count > 0)
+    on_cpu = accel == "cpu" or (accel == "auto" and cuda_count == 0 and not mps)
+    if on_gpu:
+        wanted = devices if isinstance(devices, int) else None
+        indices = devices if isinstance(devices, list) else (
+            [int(d) for d in devices.split(",") if d.strip()] if isinstance(devices, str) and devices != "auto" else [])
+        if wanted is not None and wanted > cuda_count:
+            raise ConfigError(f"trainer.devices={wanted} but only {cuda_count} CUDA device(s) are visible. "
+                              f"Use trainer.devices={cuda_count} (or -1 for all of them).")
+        missing = [i for i in indices if i >= cuda_count]
+        if missing:
+            raise ConfigError(f"trainer.devices asks for GPU {missing[0]}, but only {cuda_count} CUDA device(s) are "
+                              f"visible (indices 0..{cuda_count - 1}).")
+    elif on_cpu and not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
+        raise ConfigError(f"trainer.devices={devices!r} on the CPU: there, trainer.devices is a number of processes "
+                          f"(>= 1) or auto; device indices and -1 are for GPUs.")
+
+
+def _warn_past_the_end(trainer: TrainerConfig, scheduler, data: DataConfig) -> None:
+    """Warm-up or batch ramps longer than the run are allowed (a short test of a long recipe), with one warning each.
+
+    Printed once per run: by the check before Hydra starts (and by the API), not again inside the run.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # inside the CLI's run: its pre-flight check already warned
+            return
+    except ImportError:
+        pass
+    from lmkit.plugins import warn
+
+    steps = trainer.max_steps
+    warmup = getattr(scheduler, "warmup_steps", None)
+    if isinstance(warmup, int) and warmup > steps:
+        warn(f"scheduler.warmup_steps={warmup} is longer than the run (trainer.max_steps={steps}): the learning rate "
+             f"never reaches optimizer.lr (it ends at {steps / warmup:.0%} of it). Lower scheduler.warmup_steps "
+             f"if that is not what you want.")
+    if data.batch_ramp_steps > steps:
+        if data.grad_accum > data.batch_ramp_start:
+            what = (f"the batch never reaches its full size (data.grad_accum={data.grad_accum} micro-batches per step)")
+        else:
+            what = (f"the ramp does nothing anyway (data.batch_ramp_start={data.batch_ramp_start} is not below "
+                    f"data.grad_accum={data.grad_accum})")
+        warn(f"data.batch_ramp_steps={data.batch_ramp_steps} is longer than the run (trainer.max_steps={steps}): "
+             f"{what}. Lower data.batch_ramp_steps if that is not what you want.")
+
+
 def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConfig:
     """Validate the whole composed config against the registries and schemas."""
     for key in cfg.keys():
@@ -265,6 +375,11 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        raise ConfigError(f"seed must be in [0, 2**32 - 1] = [0, 4294967295] (what numpy's and torch's generators "
+                          f"take), got {seed!r}")
+    check_accelerator_visible(trainer)
+    _warn_past_the_end(trainer, scheduler, data)
     return RunConfig(cfg, model, model_c, objective, objective_c, optimizer, optimizer_c, scheduler, scheduler_c,
                      strategy, strategy_c, tokenizer, tokenizer_c, data, dataset_c, trainer, logger, callbacks,
                      seed, cfg.get("resume"), extensions, callback_configs=callback_configs)

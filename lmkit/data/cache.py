@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,24 @@ def load_tokens(source: Source, tokenizer: Tokenizer, cache_dir: Path) -> np.nda
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"lmkit: token cache {path} is unreadable ({e}); rebuilding it", stacklevel=2)
     tokens = build_token_array(source, tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, tokens, allow_pickle=False)
-    os.replace(tmp, path)
+    with cache_writes(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            np.save(tmp, tokens, allow_pickle=False)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+@contextmanager
+def cache_writes(directory: Path):
+    """Writing under the cache directory: an OS error (a file in the way, no permission, disk full) becomes
+    one DataError naming the directory and how to choose another."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise DataError(f"cannot write the cache under '{directory}': {e.strerror or e}{where}. Set data.cache_dir "
+                        f"(or the LMKIT_CACHE environment variable) to a writable directory.") from None

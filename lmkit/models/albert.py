@@ -61,6 +61,14 @@ class ALBERTConfig(ArchitectureConfig):
     init_std: float = 0.02
     compile: bool = False
 
+    def __post_init__(self):
+        from lmkit.models.checks import check_architecture, check_choice, check_int, post_init_base
+
+        post_init_base(self, ALBERTConfig)
+        check_architecture(self)
+        check_int("model.embedding_size", self.embedding_size, minimum=1, hint=" (E, the factorized embedding size)")
+        check_choice("model.share", self.share, ALBERT_SHARE_MODES)
+
 
 class ALBERT(nn.Module):
     """Bidirectional encoder with factorized embeddings and cross-layer parameter sharing."""

@@ -41,6 +41,12 @@ class BARTConfig(ArchitectureConfig):
     init_std: float = 0.02
     compile: bool = False
 
+    def __post_init__(self):
+        from lmkit.models.checks import check_architecture, post_init_base
+
+        post_init_base(self, BARTConfig)
+        check_architecture(self)
+
 
 class BARTStack(nn.Module):
     """Encoder or decoder: learned positions, embedding LayerNorm, post-LN blocks."""

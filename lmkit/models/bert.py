@@ -46,6 +46,12 @@ class BERTConfig(ArchitectureConfig):
     init_std: float = 0.02
     compile: bool = False
 
+    def __post_init__(self):
+        from lmkit.models.checks import check_architecture, post_init_base
+
+        post_init_base(self, BERTConfig)
+        check_architecture(self)
+
 
 class MLMHead(nn.Module):
     """BERT/ALBERT masked-LM transform: LayerNorm(act(Linear(h))), d_in → d_out."""

@@ -29,6 +29,12 @@ class GPTConfig(ArchitectureConfig):
     init_std: float = 0.02
     compile: bool = False
 
+    def __post_init__(self):
+        from lmkit.models.checks import check_architecture, post_init_base
+
+        post_init_base(self, GPTConfig)
+        check_architecture(self)
+
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""

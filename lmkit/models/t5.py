@@ -69,6 +69,19 @@ class T5Config(ArchitectureConfig):
     init_std: float = 0.02  # for init="normal"/"xavier"
     compile: bool = False
 
+    def __post_init__(self):
+        from lmkit.models.checks import check_architecture, check_choice, check_int, check_positive, post_init_base
+
+        post_init_base(self, T5Config)
+        check_architecture(self, init_schemes=T5_INIT_SCHEMES)
+        check_choice("model.ffn", self.ffn, T5_FFN)
+        check_positive("model.init_factor", self.init_factor)
+        # buckets: half for each direction (encoder), half of those exact distances, the rest log-spaced
+        # up to max_distance, which must lie beyond the exact ones
+        check_int("model.num_buckets", self.num_buckets, minimum=4, hint=" (relative-position buckets, e.g. 32)")
+        check_int("model.max_distance", self.max_distance, minimum=self.num_buckets // 2 + 1,
+                  hint=f" (it must exceed the {self.num_buckets // 2} exact distances of model.num_buckets={self.num_buckets}; e.g. 128)")
+
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True,
                              num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:

@@ -84,7 +84,7 @@ def bart_noise(
     check_unit("mask_ratio", mask_ratio)
     if mask_ratio >= 1.0:
         raise ValueError(f"mask_ratio must be below 1 (share of words to mask, e.g. 0.3), got {mask_ratio}")
-    if not isinstance(poisson_lambda, (int, float)) or poisson_lambda <= 0:
+    if not isinstance(poisson_lambda, (int, float)) or not 0 < poisson_lambda < float("inf"):
         raise ValueError(
             f"poisson_lambda must be a positive number (mean span length in words, e.g. 3.0), got {poisson_lambda!r}"
         )

@@ -233,7 +233,7 @@ def reconstruct(input_ids: torch.Tensor, labels: torch.Tensor, vocab: NoiseVocab
 # -- internals ---------------------------------------------------------------------------------
 def _check_noise(noise_density: float, mean_noise_span_length: float) -> None:
     check_open_unit("noise_density", noise_density, " (the share of tokens to corrupt, e.g. 0.15)")
-    if not isinstance(mean_noise_span_length, (int, float)) or mean_noise_span_length < 1:
+    if not isinstance(mean_noise_span_length, (int, float)) or not 1 <= mean_noise_span_length < float("inf"):
         raise ValueError(
             f"mean_noise_span_length must be a number >= 1 (tokens per noise span, e.g. 3.0), "
             f"got {mean_noise_span_length!r}"

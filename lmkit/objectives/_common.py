@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, did_you_mean
 from lmkit.noise import NoiseVocab
 from lmkit.noise import _common as noise_checks
 from lmkit.objectives.base import IGNORE_INDEX, LossOutput
@@ -23,7 +23,7 @@ def check_unit(key: str, value, below_one: bool = False) -> None:
 
 
 def check_span_length(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= float(value) < float("inf"):
         raise ConfigError(f"objective.{key} must be a number >= 1 (tokens or words per span), got {value!r}")
 
 
@@ -35,7 +35,8 @@ def check_mlm_fields(cfg) -> None:
     """The masking options shared by mlm, nsp and sop."""
     check_open_unit("mask_prob", cfg.mask_prob, " (the share of tokens to predict, e.g. 0.15)")
     if cfg.mode not in MLM_MODES:
-        raise ConfigError(f"objective.mode must be one of {', '.join(MLM_MODES)}, got {cfg.mode!r}")
+        raise ConfigError(f"objective.mode must be one of {', '.join(MLM_MODES)}, got {cfg.mode!r}."
+                          f"{did_you_mean(str(cfg.mode), MLM_MODES)}".rstrip("."))
     if cfg.max_predictions is not None and cfg.max_predictions < 1:
         raise ConfigError(f"objective.max_predictions must be >= 1 or null (no cap), got {cfg.max_predictions}")
     check_fracs(cfg.mask_token_frac, cfg.random_token_frac)
@@ -43,7 +44,8 @@ def check_mlm_fields(cfg) -> None:
 
 def check_special_name(key: str, value: str) -> None:
     if value not in SPECIAL_TOKENS:
-        raise ConfigError(f"objective.{key} must name a special token ({', '.join(SPECIAL_TOKENS)}), got {value!r}")
+        raise ConfigError(f"objective.{key} must name a special token ({', '.join(SPECIAL_TOKENS)}), got {value!r}."
+                          f"{did_you_mean(str(value), SPECIAL_TOKENS)}".rstrip("."))
 
 
 def too_short(objective: str, seq_len: int, need: int, what: str) -> ConfigError:

@@ -48,7 +48,7 @@ class BARTDenoisingConfig:
     def __post_init__(self):
         check_chunked_ce(self.chunked_ce)
         check_unit("mask_ratio", self.mask_ratio, below_one=True)
-        if isinstance(self.poisson_lambda, bool) or not self.poisson_lambda > 0:
+        if isinstance(self.poisson_lambda, bool) or not 0 < self.poisson_lambda < float("inf"):
             raise ConfigError("objective.poisson_lambda must be > 0 (mean span length in words, e.g. 3.0), "
                               f"got {self.poisson_lambda!r}")
         check_unit("random_ratio", self.random_ratio)

@@ -52,8 +52,8 @@ class SpanBERTConfig:
             raise ConfigError(f"objective.max_span_words must be >= 1 (span length < 1 is no span), "
                               f"got {self.max_span_words}")
         check_fracs(self.mask_token_frac, self.random_token_frac)
-        if self.sbo_weight < 0:
-            raise ConfigError(f"objective.sbo_weight must be >= 0, got {self.sbo_weight}")
+        if not 0 <= self.sbo_weight < float("inf"):
+            raise ConfigError(f"objective.sbo_weight must be a finite number >= 0, got {self.sbo_weight}")
         if self.sbo_max_positions < 1:
             raise ConfigError(f"objective.sbo_max_positions must be >= 1, got {self.sbo_max_positions}")
 

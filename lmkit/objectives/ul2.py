@@ -68,8 +68,8 @@ class UL2Config:
             raise ConfigError("objective.denoisers is empty: list at least one denoiser")
         if self.weights is not None:
             w = list(self.weights)
-            if len(w) != len(self.denoisers) or any(x < 0 for x in w) or sum(w) <= 0:
-                raise ConfigError(f"objective.weights must hold {len(self.denoisers)} non-negative numbers (one per "
+            if len(w) != len(self.denoisers) or not all(0 <= x < float("inf") for x in w) or sum(w) <= 0:
+                raise ConfigError(f"objective.weights must hold {len(self.denoisers)} finite non-negative numbers (one per "
                                   f"denoiser), not all zero, or be null; got {w}")
         check_special_name("decoder_start_token", self.decoder_start_token)
 

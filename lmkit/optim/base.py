@@ -1,6 +1,7 @@
 """The optimizer config contract, torch-free so that config validation can import it cheaply."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lmkit.errors import ConfigError
@@ -35,3 +36,7 @@ class OptimizerConfigBase:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if not math.isfinite(self.lr):  # lr=inf trains to NaN at the first step
+            raise ConfigError(f"optimizer.lr must be a finite number, got {self.lr}")
+        if not math.isfinite(self.weight_decay):
+            raise ConfigError(f"optimizer.weight_decay must be a finite number, got {self.weight_decay}")

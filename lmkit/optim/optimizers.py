@@ -29,6 +29,17 @@ class OptimizerConfig(OptimizerConfigBase):
         super().__post_init__()
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        from lmkit.config.checks import check_finite, check_positive, check_range
+
+        check_positive("optimizer.eps", self.eps, " (added to the denominator for stability, e.g. 1e-8)")
+        check_range("optimizer.momentum", self.momentum, 0.0, 1.0, high_open=True,
+                    hint=" (SGD's momentum, e.g. 0.9; 0 = plain SGD)")
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0 (e.g. 0.9)")
+        check_finite("optimizer.beta2_decay", self.beta2_decay)
+        if self.beta2_decay > 0:
+            raise ConfigError(f"optimizer.beta2_decay must be <= 0 (Adafactor's decay-rate exponent, e.g. -0.8), "
+                              f"got {self.beta2_decay}")
 
 
 def _fast_kwargs(cfg: OptimizerConfig) -> dict:

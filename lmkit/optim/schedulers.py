@@ -23,6 +23,9 @@ class SchedulerConfig:
             raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_steps is not None and (isinstance(self.decay_steps, bool) or self.decay_steps < 1):
+            raise ConfigError(f"scheduler.decay_steps must be >= 1 or null (the run's trainer.max_steps), "
+                              f"got {self.decay_steps}")
 
 
 class WarmupDecay:

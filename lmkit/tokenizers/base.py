@@ -15,6 +15,15 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<eos>", "<bos>", "<unk>", "[CLS]", "[SEP]", "[MASK]", "[NLU]", "[NLG]", "[S2S]",
 )
 
+#: Largest vocabulary (tokenizer.vocab_size, model.vocab_size, sentinels included) lmkit accepts:
+#: 2**21 ids. The largest vocabularies in use are about 1M tokens; beyond that a typo (1e9)
+#: would make the tokenizer trainer and the embedding allocate tens of GB before failing.
+MAX_VOCAB_SIZE = 2 ** 21
+#: Smallest vocabulary of a trained (bpe/wordpiece/unigram) tokenizer: byte-level BPE starts
+#: from the 256 byte alphabet plus the special tokens, so anything smaller learns no merge
+#: (and HF silently returns 266 tokens instead of the size asked for).
+MIN_TRAINED_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
+
 
 class Tokenizer(ABC):
     """Maps text to token ids and back, and describes its vocabulary.
