@@ -79,3 +79,19 @@ def test_corrupt_and_pickled_checkpoints_are_refused(tmp_path, tiny):
     torch.save({"state_dict": {}, "x": Payload()}, evil)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_checkpoint_file(evil)
+
+
+def test_resumed_loader_is_resumable_and_warns_nothing(tmp_path, tiny, recwarn):
+    """The train loader's position is part of the checkpoint (Lightning's stateful-loader protocol), so
+    Lightning has no cause for "your dataloader is not resumable" on a mid-epoch resume."""
+    common = tiny + ["scheduler.decay_steps=6"]
+    run(common + ["trainer.max_steps=3", "trainer.checkpoint_every_n_steps=3"], tmp_path / "part")
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    state = load_checkpoint_file(ckpt)
+    [loader_state] = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["data_steps"] == 3 == state["lmkit"]["data_steps"]
+    recwarn.clear()
+    resumed = run(common + ["trainer.max_steps=6", f"resume={ckpt}"], tmp_path / "resumed")
+    assert resumed["steps"] == 6
+    assert not [w for w in recwarn if "not resumable" in str(w.message)], [str(w.message) for w in recwarn]
+

@@ -50,6 +50,21 @@ class StepCollate:
         return {"micro_batches": micro}
 
 
+class StepDataLoader(DataLoader):
+    """The training loader: its position (the batch sampler's) is saved in checkpoints.
+
+    Lightning restores a loader with ``state_dict``/``load_state_dict`` (a "resumable" loader)
+    on resume. The data order itself is a pure function of (seed, step), so the state is one
+    number: the steps' worth of batches consumed.
+    """
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
 @dataclass
 class DataSplits:
     train: np.ndarray
@@ -109,8 +124,8 @@ class LMDataModule(L.LightningDataModule):
         """(rank, size) among the data-parallel replicas: tensor-parallel peers read the same data."""
         return data_parallel_world(self.trainer)
 
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, batch_sampler, cls=DataLoader) -> DataLoader:
+        return cls(
             dataset, batch_sampler=batch_sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
             # its own generator: creating an iterator must not draw from the global RNG, which
@@ -126,7 +141,7 @@ class LMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.train_sampler())
+        return self._loader(self.train_set, self.train_sampler(), StepDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()

@@ -27,6 +27,7 @@ class StepBatchSampler:
         self.ramp_start, self.ramp_steps = max(1, min(ramp_start, grad_accum)), ramp_steps
         self.start_step, self.shuffle = start_step, shuffle
         self.steps_per_epoch = n_items // (micro_batch_size * grad_accum * world_size)
+        self._restored_step: int | None = None
 
     def micro_batches_at(self, step: int) -> int:
         """Number of micro-batches (per rank) in optimizer step ``step``."""
@@ -58,8 +59,22 @@ class StepBatchSampler:
                 keys.append((int(self._permutation(epoch)[i]), pos))
         return keys
 
+    def state_dict(self) -> dict:
+        """The position in the data, for Lightning's checkpoints (the loader is then "resumable").
+
+        It is the number of optimizer steps' worth of batches consumed (``start_step()``, the
+        module's ``data_steps``), not of batches fetched: Lightning prefetches one batch ahead.
+        """
+        return {"data_steps": int(self.start_step()), "seed": self.seed, "n_items": self.n_items,
+                "micro_batch_size": self.mbs, "grad_accum": self.grad_accum, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration starts at the saved position (the same step ``start_step()`` gives after a resume)."""
+        self._restored_step = int(state["data_steps"])
+
     def __iter__(self):
-        start = int(self.start_step())
+        start = int(self.start_step()) if self._restored_step is None else self._restored_step
+        self._restored_step = None
         end = (start // self.steps_per_epoch + 1) * self.steps_per_epoch
         for step in range(start, end):
             yield self.keys_for_step(step)
