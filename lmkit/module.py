@@ -222,9 +222,15 @@ class LMModule(L.LightningModule):
                 "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
             },
         }
+        # what the data order depends on (LMDataModule.fingerprint, set by lmkit.train): compared on resume
+        if getattr(self, "data_fingerprint", None) is not None:
+            checkpoint["lmkit"]["data"] = dict(self.data_fingerprint)
 
     def on_load_checkpoint(self, checkpoint):
-        state = checkpoint.get("lmkit", {})
+        from lmkit.checkpoint import check_lmkit_state
+
+        check_lmkit_state(checkpoint, None)  # never restart the data at batch 0 silently
+        state = checkpoint["lmkit"]
         self.data_steps = int(state.get("data_steps", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         rng = state.get("rng")

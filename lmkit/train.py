@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import atexit
+import csv
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-from lmkit.checkpoint import (CHECKPOINT_DIR, AtomicCheckpointIO, check_checkpoint_fits, resolve_auto_resume,
-                              resolve_resume)
+from lmkit.checkpoint import (CHECKPOINT_DIR, AtomicCheckpointIO, StepCheckpoint, check_checkpoint_fits,
+                              check_same_data, read_training_state, resolve_auto_resume, resolve_resume)
 from lmkit.config.validate import RunConfig
 from lmkit.data.cache import default_cache_dir
 from lmkit.data.datamodule import LMDataModule
@@ -32,6 +37,7 @@ class BuiltRun:
     datamodule: LMDataModule
     tokenizer: object
     ckpt_path: Path | None
+    start_step: int = 0  # the checkpoint's optimizer step (0 for a fresh start)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -82,11 +88,7 @@ def _loggers(run: RunConfig, run_dir: Path):
     if cfg.name == "none":
         return False
     if cfg.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        _keep_previous_csv(run_dir / "logs" / "metrics.csv")
-        # written at every logging step (not every 100): a killed run keeps its log up to the kill
-        return CSVLogger(str(run_dir), name="", version="logs", flush_logs_every_n_steps=1)
+        return RunCSVLogger(run_dir)
     if cfg.name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -106,15 +108,72 @@ def _loggers(run: RunConfig, run_dir: Path):
     return logger
 
 
-def _keep_previous_csv(path: Path) -> None:
-    """A run resumed in its own directory (``resume=auto``): keep the earlier attempts' log
-    as ``metrics.1.csv``, ``metrics.2.csv``, ... (Lightning's CSVLogger would delete it)."""
-    if not path.exists() or os.environ.get("RANK", "0") != "0":
-        return
+def _keep_previous_csv(path: Path) -> Path | None:
+    """Keep an earlier attempt's log as ``metrics.1.csv``, ``metrics.2.csv``, ... (Lightning's
+    CSVLogger would delete it); return where it went."""
+    if not path.exists():
+        return None
     n = 1
     while path.with_name(f"metrics.{n}.csv").exists():
         n += 1
-    os.replace(path, path.with_name(f"metrics.{n}.csv"))
+    kept = path.with_name(f"metrics.{n}.csv")
+    os.replace(path, kept)
+    return kept
+
+
+def _stitch_csv(kept: Path, path: Path, first_row: int) -> list[str]:
+    """Start ``path`` with the rows of ``kept`` logged before step ``first_row``; return its header."""
+    with open(kept, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step") not in (None, "") and float(r["step"]) < first_row]
+    if not header:
+        return []
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return header
+
+
+class RunLogWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a log already in the directory is kept (and stitched)."""
+
+    def __init__(self, log_dir: str, resume_row: int | None):
+        self.resume_row = resume_row
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv (and warns)
+        path = Path(self.metrics_file_path)
+        kept = _keep_previous_csv(path)
+        if kept is not None and self.resume_row is not None:
+            self.metrics_keys = _stitch_csv(kept, path, self.resume_row)
+
+
+class RunCSVLogger(CSVLogger):
+    """CSV log of the whole run in ``RUN_DIR/logs/metrics.csv``, over every attempt.
+
+    Written at every logging step (not every 100): a killed attempt keeps its log up to the
+    kill. An attempt that resumes the run in its own directory keeps the earlier log as
+    ``metrics.N.csv`` (untouched), starts ``metrics.csv`` with its rows of the steps before
+    ``resume_row`` (the checkpoint's data position: the step the attempt starts at), then
+    appends its own rows: one log of the run, each step once. An attempt that starts fresh in
+    a directory with a log keeps that log as ``metrics.N.csv`` and starts an empty one.
+    """
+
+    def __init__(self, run_dir: Path, resume_row: int | None = None):
+        super().__init__(str(run_dir), name="", version="logs", flush_logs_every_n_steps=1)
+        self.resume_row = resume_row
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> RunLogWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = RunLogWriter(self.log_dir, self.resume_row)
+        return self._experiment
 
 
 def _wandb_logged_in() -> bool:
@@ -137,13 +196,15 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
         ckpt_path, notes = resolve_resume(str(run.resume))
     for n in notes:
         print(f"lmkit: {n}")
+    ckpt_state = {}
     if ckpt_path is not None:
         print(f"lmkit: resuming from {ckpt_path}", flush=True)
+        ckpt_state = read_training_state(ckpt_path)
     source = run.dataset_component.factory(run.data)
     tokenizer = build_tokenizer(run, source, cache_dir)
     if ckpt_path is not None:
         saved = ckpt_path.parent.parent / "tokenizer.json"
-        if saved.exists() and load_tokenizer_file(saved).fingerprint() != tokenizer.fingerprint():
+        if saved.exists() and _saved_tokenizer(saved).fingerprint() != tokenizer.fingerprint():
             raise CheckpointError(
                 f"the tokenizer of this run does not match the one the checkpoint was trained with ({saved}). "
                 f"Use the same tokenizer settings as the checkpoint's run (see {saved.parent / 'config.yaml'})."
@@ -167,16 +228,40 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
                               run.trainer.val_batches, data_steps=lambda: module.data_steps)
     datamodule.prepare()
+    module.data_fingerprint = datamodule.fingerprint()  # saved in checkpoints, compared on resume
+    if ckpt_path is not None:
+        note = check_same_data(ckpt_state["lmkit"].get("data"), module.data_fingerprint, ckpt_path,
+                               allow_change=bool(run.raw.get("resume_allow_data_change", False)))
+        if note:
+            print(f"lmkit: warning: {note}", file=sys.stderr, flush=True)
     trainer = build_trainer(run, run_dir, plan)
-    return BuiltRun(trainer, module, datamodule, tokenizer, ckpt_path)
+    in_own_dir = ckpt_path is not None and ckpt_path.parent.parent.resolve() == Path(run_dir).resolve()
+    if in_own_dir:  # the run goes on in its own directory: its log from the checkpoint's step, its checkpoints
+        for logger in trainer.loggers:
+            if isinstance(logger, RunCSVLogger):
+                logger.resume_row = int(ckpt_state["lmkit"]["data_steps"])
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, StepCheckpoint):
+                callback.resumes_own_dir = True
+    return BuiltRun(trainer, module, datamodule, tokenizer, ckpt_path, int(ckpt_state.get("global_step", 0)))
+
+
+def _saved_tokenizer(path: Path):
+    """The tokenizer a resumed checkpoint was trained with (its run directory's tokenizer.json)."""
+    try:
+        return load_tokenizer_file(path)
+    except Exception as e:  # not JSON, not a tokenizer, unreadable
+        raise CheckpointError(
+            f"'{path}', the tokenizer the checkpoint was trained with, is damaged ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}). Restore it from a copy, or delete it to resume without "
+            f"comparing tokenizers (the tokenizer settings are in {path.parent / 'config.yaml'})."
+        ) from None
 
 
 def build_trainer(run: RunConfig, run_dir: Path, plan) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     t = run.trainer
     callbacks = [
-        ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="step{step:06d}", auto_insert_metric_name=False,
+        StepCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last_k, monitor="global_step",
                         mode="max", save_last=True),
     ]
@@ -246,8 +331,10 @@ def train(run: RunConfig, pm, run_dir: Path) -> dict:
         callback = next(c for c in trainer.callbacks if isinstance(c, Preemption))
         preempted = callback.info or {"signal": callback.signal_name or "SIGTERM", "step": trainer.global_step,
                                       "checkpoint": None}
-    return {"start": start, "end": end, "steps": trainer.global_step, "params": n_params, "preempted": preempted,
-            "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR)}
+    # steps: the run's optimizer steps in total; steps_trained: by this call (a resumed run started at resumed_from)
+    return {"start": start, "end": end, "steps": trainer.global_step, "steps_trained": trainer.global_step - built.start_step,
+            "resumed_from": built.start_step if built.ckpt_path is not None else None, "params": n_params,
+            "preempted": preempted, "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR)}
 
 
 def format_summary(summary: dict) -> str:
@@ -261,7 +348,10 @@ def format_summary(summary: dict) -> str:
             parts.append(f"bits/byte {m['val/bpb']:.3f}")
         return ", ".join(parts)
 
-    lines = [f"trained {summary['steps']} steps, {summary['params'] / 1e6:.2f}M parameters"]
+    trained = f"trained {summary.get('steps_trained', summary['steps'])} steps"
+    if summary.get("resumed_from") is not None:  # a resume: steps trained now, and in total
+        trained += f" ({summary['steps']} in total)"
+    lines = [f"{trained}, {summary['params'] / 1e6:.2f}M parameters"]
     if summary["start"]:
         lines.append(f"validation at start: {fmt(summary['start'])}")
     lines.append(f"validation at end:   {fmt(summary['end'])}")

@@ -95,3 +95,83 @@ def test_resumed_loader_is_resumable_and_warns_nothing(tmp_path, tiny, recwarn):
     assert resumed["steps"] == 6
     assert not [w for w in recwarn if "not resumable" in str(w.message)], [str(w.message) for w in recwarn]
 
+
+def test_summary_says_steps_trained_now_and_in_total(tmp_path, tiny):
+    from lmkit.train import format_summary
+
+    first = run(tiny + ["trainer.max_steps=4"], tmp_path)
+    assert (first["steps"], first["steps_trained"], first["resumed_from"]) == (4, 4, None)
+    assert format_summary(first).startswith("trained 4 steps, ")
+    more = run(tiny + ["trainer.max_steps=6", f"resume={tmp_path}"], tmp_path)
+    assert (more["steps"], more["steps_trained"], more["resumed_from"]) == (6, 2, 4)
+    assert format_summary(more).startswith("trained 2 steps (6 in total), ")
+    again = run(tiny + ["trainer.max_steps=6", f"resume={tmp_path}"], tmp_path)  # already at max_steps
+    assert format_summary(again).startswith("trained 0 steps (6 in total), ")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A 2-step run on a text corpus (its checkpoint holds the data fingerprint)."""
+    from lmkit_test_utils import TINY
+
+    root = tmp_path_factory.mktemp("text-run")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a corpus for data-change tests.\n" for i in range(400)))
+    # a fixed embedding size: another tokenizer then still fits the model, and its data check speaks
+    args = TINY + ["data=text", f"data.path={corpus}", "trainer.max_steps=2", "model.vocab_size=512"]
+    run(args, root / "run")
+    return root, args
+
+
+DATA_CHANGES = {
+    "data.seq_len": (["data.seq_len=16"], "data.seq_len is 16 here but 32 in the checkpoint"),
+    "data.val_fraction": (["data.val_fraction=0.2"], "data.val_fraction is 0.2 here but 0.1 in the checkpoint"),
+    "seed": (["seed=5"], "seed is 5 here but 1337 in the checkpoint"),
+    "data.batch_size": (["data.batch_size=2"], "data.batch_size is 2 here but 4 in the checkpoint"),
+    "data.grad_accum": (["data.grad_accum=2"], "data.grad_accum is 2 here but 1 in the checkpoint"),
+    "data.doc_separator": (["data.doc_separator=of"], "data.doc_separator is 'of' here but None in the checkpoint"),
+    "another corpus": (["data.path={other}"], "corpus is "),
+    "the corpus edited in place": (["EDIT"], "corpus is "),
+    "tokenizer settings": (["tokenizer=bpe", "tokenizer.vocab_size=300"], "tokenizer is "),
+}
+
+
+@pytest.mark.parametrize("change", list(DATA_CHANGES))
+def test_resume_on_other_data_is_refused_naming_what_differs(tmp_path, text_run, change):
+    from lmkit.errors import CheckpointError
+
+    root, args = text_run
+    ckpt = tmp_path / "last.ckpt"  # outside its run: the checkpoint's own record is what is compared
+    ckpt.write_bytes((root / "run" / "checkpoints" / "last.ckpt").read_bytes())
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"another text, line {i}, for data-change tests.\n" for i in range(400)))
+    extra, expected = DATA_CHANGES[change]
+    corpus = Path(next(a for a in args if a.startswith("data.path=")).split("=", 1)[1])
+    if extra == ["EDIT"]:
+        edited = tmp_path / "corpus.txt"
+        edited.write_text(corpus.read_text().replace("line 7 ", "line 7, edited "))
+        extra = [f"data.path={edited}"]
+    extra = [e.format(other=other) for e in extra]
+    with pytest.raises(CheckpointError, match="was trained on other data: ") as e:
+        run(args + extra + ["trainer.max_steps=4", f"resume={ckpt}"], tmp_path / "refused")
+    assert expected in str(e.value) and "resume_allow_data_change=true" in str(e.value)
+    if change == "another corpus":
+        assert f"data.path is '{other}' here but '{corpus}' in the checkpoint" in str(e.value)
+    assert not (tmp_path / "refused").exists()
+    allowed = run(args + extra + ["trainer.max_steps=4", f"resume={ckpt}", "resume_allow_data_change=true"],
+                  tmp_path / "allowed")
+    assert allowed["steps"] == 4
+
+
+def test_corpus_moved_elsewhere_resumes(tmp_path, text_run):
+    """The corpus is compared by its content: the same text at another path resumes."""
+    root, args = text_run
+    corpus = Path(next(a for a in args if a.startswith("data.path=")).split("=", 1)[1])
+    moved = tmp_path / "moved.txt"
+    moved.write_text(corpus.read_text())
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    state = load_checkpoint_file(ckpt)
+    assert state["lmkit"]["data"]["data.path"] == [str(corpus)]
+    resumed = run([a for a in args if not a.startswith("data.path=")] + [f"data.path={moved}", "trainer.max_steps=4",
+                                                                        f"resume={ckpt}"], tmp_path / "moved-run")
+    assert resumed["steps"] == 4

@@ -84,18 +84,24 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 
 
 def _resume_run_dir(resume: str) -> Path | None:
-    """The run directory a resume continues in: the run of the checkpoint (None when it has none)."""
-    from lmkit.checkpoint import CHECKPOINT_DIR, newest_run_dir
+    """The run directory a resume continues in: the run of the checkpoint (None when it has none).
 
+    ``resume=RUN_DIR``, ``resume=last`` and ``resume=RUN_DIR/checkpoints/X.ckpt`` continue in
+    ``RUN_DIR``; a checkpoint elsewhere starts a new directory. A path the file system cannot
+    look up (a name too long, a file used as a directory) is refused here, before Hydra runs.
+    """
+    from lmkit.checkpoint import CHECKPOINT_DIR, check_resume_path, newest_run_dir
+
+    resume = resume.strip("'\"")
     if resume in ("", "null", "None", "auto"):
         return None
     if resume == "last":
         return newest_run_dir()
+    check_resume_path(resume)
     p = Path(resume)
-    if p.is_dir() and (p / CHECKPOINT_DIR).is_dir():
-        return p
-    if p.parent.name == CHECKPOINT_DIR:
-        return p.parent.parent
+    for run_dir in (p, p.parent.parent if p.parent.name == CHECKPOINT_DIR else None):
+        if run_dir is not None and (run_dir / CHECKPOINT_DIR).is_dir():
+            return run_dir
     return None
 
 

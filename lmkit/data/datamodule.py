@@ -1,6 +1,8 @@
 """The LightningDataModule: corpus -> token cache -> blocks -> objective's collator."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,19 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> DataSplits:
     return DataSplits(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:])
 
 
+def tokens_digest(tokens: np.ndarray, windows: int = 1024, width: int = 256) -> str:
+    """``"N tokens, sha256 H"`` of a token array: all of it when small, else ``windows`` evenly spaced windows."""
+    n = len(tokens)
+    h = hashlib.sha256(str(n).encode())
+    if n <= windows * width:
+        h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    else:
+        for i in range(windows):
+            start = i * (n - width) // (windows - 1)
+            h.update(np.asarray(tokens[start:start + width], dtype=np.int64).tobytes())
+    return f"{n} tokens, sha256 {h.hexdigest()[:16]}"
+
+
 class LMDataModule(L.LightningDataModule):
     """Serves step batches for training and fixed batches for validation.
 
@@ -116,6 +131,27 @@ class LMDataModule(L.LightningDataModule):
                 f"the validation split has {len(self.splits.val)} tokens, fewer than one batch of "
                 f"{self.cfg.batch_size} blocks of {self.block_len} tokens. Raise data.val_fraction or use more text."
             )
+
+    def fingerprint(self) -> dict:
+        """What the data order of a run depends on; saved in checkpoints, compared on resume.
+
+        ``corpus`` identifies the training split's tokens (their count and a hash of them, of
+        1024 evenly spaced windows for large corpora): a corpus moved elsewhere keeps it, another
+        corpus, an edited one or another tokenizer changes it. The other entries are settings.
+        """
+        self.prepare()
+        cfg = self.cfg
+        paths = cfg.path if isinstance(cfg.path, (list, tuple)) or cfg.path is None else [cfg.path]
+        return {
+            "corpus": tokens_digest(self.splits.train), "seed": self.seed, "data.seq_len": self.seq_len,
+            "data.val_fraction": cfg.val_fraction, "data.batch_size": cfg.batch_size, "data.grad_accum": cfg.grad_accum,
+            "data.batch_ramp_start": cfg.batch_ramp_start, "data.batch_ramp_steps": cfg.batch_ramp_steps,
+            "tokenizer": self.tokenizer.fingerprint(),
+            # not compared: they only tell which setting changed the corpus
+            "data.source": cfg.source, "data.path": None if paths is None else [os.path.abspath(os.path.expanduser(str(p)))
+                                                                             for p in paths],
+            "data.text_field": cfg.text_field, "data.doc_separator": cfg.doc_separator, "data.hf_builder": cfg.hf_builder,
+        }
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

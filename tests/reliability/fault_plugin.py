@@ -14,12 +14,14 @@ torchrun, and in-process:
   (``TORCHELASTIC_RESTART_COUNT``), e.g. ``hang@3,die@5``; later attempts run clean.
 * ``fault_slow_save``: every checkpoint write pauses ``LMKIT_FAULT_SAVE_PAUSE`` seconds
   half-way through writing its bytes, once ``LMKIT_FAULT_SAVE_AFTER`` files were written
-  normally, so that a test can SIGKILL the process in the middle of a save.
+  normally, so that a test can SIGKILL the process in the middle of a save. With
+  ``LMKIT_FAULT_SAVE_KILL=1`` the process SIGKILLs itself there instead of pausing.
 """
 import dataclasses
 import hashlib
 import io
 import os
+import signal
 import time
 
 import lightning as L
@@ -106,6 +108,9 @@ class SlowSave(L.Callback):
                 return None
             f.write(data[: len(data) // 2])
             f.flush()
+            if os.environ.get("LMKIT_FAULT_SAVE_KILL") == "1":
+                print(f"fault: SIGKILL half-way through checkpoint write {count['n']}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
             print(f"fault: checkpoint write stalled half-way ({len(data) // 2} of {len(data)} bytes)", flush=True)
             time.sleep(pause)
             f.write(data[len(data) // 2:])

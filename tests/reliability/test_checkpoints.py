@@ -133,10 +133,14 @@ def test_resume_auto_in_a_fixed_directory_restarts_and_keeps_last_k(tmp_path, ti
     assert ckpt_names(run_dir) == ["last.ckpt", "step000008.ckpt", "step000010.ckpt"]
     assert load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 10
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
-    # the first attempt's log is kept next to the second's, not overwritten
-    assert sorted(step_losses(run_dir)) == [6, 7, 8, 9]
-    earlier = list(csv.DictReader(open(run_dir / "logs" / "metrics.1.csv")))
-    assert sorted(int(r["step"]) for r in earlier if r.get("train/loss")) == [0, 1, 2, 3, 4, 5]
+    # one log of the whole run (each step once); the first attempt's log is kept as it was
+    assert sorted(train_rows(run_dir / "logs" / "metrics.csv")) == list(range(10))
+    assert sorted(train_rows(run_dir / "logs" / "metrics.1.csv")) == list(range(6))
+
+
+def train_rows(path: Path) -> list[int]:
+    """The step of every training row of a CSV log (a step logged twice appears twice)."""
+    return [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("train/loss")]
 
 
 def test_tokenizer_or_model_that_does_not_fit_the_checkpoint_is_refused(tmp_path, tiny):
@@ -146,3 +150,28 @@ def test_tokenizer_or_model_that_does_not_fit_the_checkpoint_is_refused(tmp_path
     with pytest.raises(CheckpointError, match=r"does not fit this model: model\.wte\.weight has shape"):
         run(tiny + ["model.d_model=64", f"resume={copied}"], tmp_path / "bigger")
     assert os.path.exists(copied)
+
+
+@pytest.mark.parametrize("killed_in", ["stepNNNNNN.ckpt", "last.ckpt"])
+def test_sigkill_inside_a_checkpoint_write_loses_no_log_row(tmp_path, monkeypatch, capsys, faults, killed_in):
+    """Every step a checkpoint holds has its log row. SIGKILL half-way through writing step 4's
+    checkpoint files: its step000004.ckpt (the run resumes from step 2) or its last.ckpt (the whole
+    step000004.ckpt is there: the run resumes from step 4, whose row Lightning used to write only
+    after the checkpoint). Resumed in its own directory, the run's log holds every step once."""
+    from lmkit.cli import main
+
+    args = LONG + ["trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2"]
+    after = {"stepNNNNNN.ckpt": 2, "last.ckpt": 3}[killed_in]  # files written whole before the killed one
+    proc = start_lmkit(args + ["callbacks=[fault_slow_save]"], tmp_path,
+                       sub_env(LMKIT_FAULT_SAVE_KILL=1, LMKIT_FAULT_SAVE_AFTER=after))
+    assert proc.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "lmkit.err").read_text()[-3000:]
+    [run_dir] = run_dirs(tmp_path)
+    path, _ = resolve_resume(str(run_dir))
+    held = load_checkpoint_file(path)["lmkit"]["data_steps"]
+    assert held == {"stepNNNNNN.ckpt": 2, "last.ckpt": 4}[killed_in]
+    assert set(range(held)) <= set(train_rows(run_dir / "logs" / "metrics.csv")), "a step the checkpoint holds has no row"
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["callbacks=[]", f"resume={run_dir}"]) == 0, capsys.readouterr().err[-3000:]
+    assert run_dirs(tmp_path) == [run_dir]
+    assert train_rows(run_dir / "logs" / "metrics.csv") == list(range(6)), "every step once, in order"

@@ -1,7 +1,8 @@
 """Killing and preempting a run: it never loses more than the last checkpoint interval.
 
-* SIGKILL at random steps, resumed each time (``resume=RUN_DIR``, then ``resume=last``):
-  the per-step losses stitched across the run directories equal an uninterrupted run's.
+* SIGKILL at random steps, resumed each time (``resume=RUN_DIR``, then ``resume=last``): the
+  run goes on in its own directory, and its one log (each step once) holds the per-step losses
+  of an uninterrupted run.
 * SIGTERM / SIGUSR1 (SLURM's warning signal): the run saves the step it just finished,
   prints how to resume and exits with status 3; resuming continues exactly.
 
@@ -11,6 +12,7 @@ AMP needs a GPU), so there is no GradScaler state to test here; the SIGKILL test
 """
 from __future__ import annotations
 
+import csv
 import random
 import signal
 
@@ -41,14 +43,16 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path,
     kill_at = [first, rng.randint(first + 2, 9)]  # progress (steps done) at which to SIGKILL
     env = sub_env(LMKIT_FAULT_SLEEP=STEP_SLEEP)
     args = common + ["callbacks=[fault_slow]"]
-    dirs, resume = [], None
+    run_dir, resume, saved = None, None, 0
     for attempt, target in enumerate(kill_at + [None]):
         proc = start_lmkit(args + ([f"resume={resume}"] if resume else []), tmp_path, env, f"attempt{attempt}")
-        run_dir = _new_run_dir(tmp_path, dirs, proc)
-        dirs.append(run_dir)
+        if run_dir is None:
+            run_dir = _new_run_dir(tmp_path, [], proc)
         if target is None:
             assert proc.wait(timeout=300) == 0, (tmp_path / f"attempt{attempt}.err").read_text()[-3000:]
             break
+        # this attempt logs (the earlier log is kept as metrics.N.csv first), then reaches the target
+        wait_for(lambda: attempt == 0 or (run_dir / "logs" / f"metrics.{attempt}.csv").exists(), 300, proc)
         wait_for(lambda: max(step_losses(run_dir), default=-1) + 1 >= target, 300, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -57,13 +61,14 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path,
         assert 0 <= done - saved <= 2, f"lost more than one checkpoint interval (seed {seed})"
         resume = run_dir if attempt == 0 else "last"  # a run directory, then the newest run
 
-    assert len(set(dirs)) == 3, "each attempt has its own run directory"
-    assert "trained 12 steps" in (tmp_path / "attempt2.out").read_text()
-    stitched: dict[int, float] = {}
-    for d in dirs:  # a later attempt redoes the steps after the checkpoint it resumed from
-        stitched.update(step_losses(d))
+    assert run_dirs(tmp_path) == [run_dir], "every attempt continues in the run's own directory"
+    assert f"trained {12 - saved} steps (12 in total)" in (tmp_path / "attempt2.out").read_text()
+    # one log of the run: each step once, the later attempt's rows from the checkpoint it resumed from
+    rows = [int(r["step"]) for r in csv.DictReader(open(run_dir / "logs" / "metrics.csv")) if r.get("train/loss")]
+    assert rows == list(range(12)), f"kills at {kill_at} (seed {seed})"
+    assert (run_dir / "logs" / "metrics.1.csv").exists() and (run_dir / "logs" / "metrics.2.csv").exists()
     # bit for bit: same seed, same single-threaded arithmetic, RNG and data order restored
-    assert stitched == reference, f"kills at {kill_at} (seed {seed})"
+    assert step_losses(run_dir) == reference, f"kills at {kill_at} (seed {seed})"
 
 
 def step_losses_of(summary) -> dict[int, float]:
