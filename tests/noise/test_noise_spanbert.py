@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
-from noise_helpers import gen, random_tokens, random_word_starts, z_ok
+from noise_helpers import gen, random_tokens, random_word_starts, spanbert_reference_row, z_ok
 
 from lmkit.noise import expected_span_words, span_length_pmf, spanbert_mask
 from lmkit.noise._common import effective_word_starts
@@ -63,6 +64,68 @@ def test_span_length_distribution_in_words(vocab):
     assert int(shortened.max()) <= 1 and bool((used <= sw).all())
 
 
+def _ratio(num, den) -> tuple[float, float]:
+    """sum(num) / sum(den) over independent rows, and its standard error (delta method)."""
+    num, den = torch.as_tensor(num, dtype=torch.float64), torch.as_tensor(den, dtype=torch.float64)
+    r = num.sum() / den.sum()
+    return float(r), float((num - r * den).std() / den.mean() / math.sqrt(num.numel()))
+
+
+def test_span_anchor_word_weighted_by_its_tokens(vocab):
+    """SpanBERT anchors a span at a uniformly random token, so a word starts a span in
+    proportion to its token count: long words are masked more often than their share. Words
+    of 1 or 2 tokens (mean 1.25): about 39% of spans start at a 2-token word, not 25%, and a
+    masked word has 1.29 tokens on average, not 1.25 (here: SpanBERT's rule 1.293, lmkit 1.290;
+    uniform over words, as lmkit placed spans before, 1.250)."""
+    n = L - 2
+    g = gen(11)
+    two = torch.rand(B, n, generator=g) < 0.25
+    lens = 1 + two.long()
+    first_tok = lens.cumsum(1) - lens
+    inner = torch.zeros(B, n, dtype=torch.bool)
+    inner.scatter_(1, torch.where(first_tok < n, first_tok, 0), first_tok < n)
+    inner[:, 0] = True  # (column 0 also took the words past the row; the last word may be cut to 1 token)
+    ws = torch.ones(B, L, dtype=torch.bool)
+    ws[:, 1:-1] = inner
+    tokens = random_tokens(vocab, B, L, seed=11)
+    tokens[:, 0], tokens[:, -1] = vocab.cls_id, vocab.sep_id
+
+    # lmkit: the token count of each word with a masked token, and of each span's first word
+    masked = (spanbert_mask(tokens, gen(12), vocab, ws)["labels"] != -100)[:, 1:-1]
+    word = inner.long().cumsum(1) - 1
+    word_len = torch.zeros(B, n, dtype=torch.long).scatter_add_(1, word, torch.ones_like(word))
+    hit = torch.zeros(B, n, dtype=torch.long).scatter_add_(1, word, masked.long()) > 0
+    got_tok = _ratio((word_len * hit).sum(1), hit.sum(1))
+    prev = torch.zeros_like(masked)
+    prev[:, 1:] = masked[:, :-1]
+    span_first = masked & ~prev  # spans never touch: a run of masked tokens is one span
+    got_two = _ratio((span_first & (word_len.gather(1, word) == 2)).sum(1), span_first.sum(1))
+
+    def reference(anchor):
+        rng = random.Random(13)
+        tok, words, two_first, spans = [], [], [], []
+        for row in inner.tolist():
+            starts = [i for i, s in enumerate(row) if s] + [n]
+            wl = [b - a for a, b in zip(starts, starts[1:])]
+            flags, anchors = spanbert_reference_row(wl, rng, anchor=anchor)
+            masked_word = [any(flags[a:b]) for a, b in zip(starts, starts[1:])]
+            tok.append(sum(x for x, h in zip(wl, masked_word) if h))
+            words.append(sum(masked_word))
+            two_first.append(sum(wl[w] == 2 for w in anchors))
+            spans.append(len(anchors))
+        return _ratio(tok, words), _ratio(two_first, spans)
+
+    ref_tok, ref_two = reference("token")
+    uni_tok, uni_two = reference("word")
+    assert 1.27 < ref_tok[0] < 1.32 and 0.37 < ref_two[0] < 0.41, (ref_tok, ref_two)
+    for got, ref, uni in ((got_tok, ref_tok, uni_tok), (got_two, ref_two, uni_two)):
+        se = math.hypot(got[1], ref[1])
+        assert z_ok(got[0], ref[0], se), (got, ref)
+        # the test tells the rules apart: uniform over words is far off
+        assert abs(uni[0] - ref[0]) > 10 * math.hypot(uni[1], ref[1]), (uni, ref)
+        assert abs(got[0] - uni[0]) > 10 * math.hypot(got[1], uni[1]), (got, uni)
+
+
 def test_spans_are_whole_words_within_budget(vocab):
     tokens, ws = batch(vocab, seed=1)
     out = spanbert_mask(tokens, gen(2), vocab, ws, return_stats=True)
@@ -112,6 +175,31 @@ def test_short_rows_reach_the_budget(vocab):
     assert bool((masked.sum(1) >= out["budget"]).all())
     assert torch.equal(out["budget"], torch.ceil((n - 2) * 0.15).long())
     assert not bool((masked & (tokens == vocab.pad_id)).any())
+
+
+@pytest.mark.parametrize("mask_prob", [0.3, 0.6, 0.9])
+def test_crowded_rows_with_specials_and_padding(vocab, mask_prob):
+    """Dense masking leaves no room for spans one word apart: spans are shortened to the free
+    stretches, then single words fill the budget; specials inside rows and padding stay."""
+    n_rows, length = 400, 64
+    tokens = random_tokens(vocab, n_rows, length, seed=7)
+    inside = torch.rand(n_rows, length, generator=gen(17)) < 0.05
+    tokens[inside] = vocab.sep_id
+    n = torch.randint(1, length + 1, (n_rows,), generator=gen(18))
+    tokens[torch.arange(length)[None, :] >= n[:, None]] = vocab.pad_id
+    ws = random_word_starts(n_rows, length, p=0.6, seed=7)
+    out = spanbert_mask(tokens, gen(19), vocab, ws, mask_prob=mask_prob, return_stats=True)
+    masked = out["labels"] != -100
+    eligible = ~vocab.special_table[tokens] & (tokens != vocab.pad_id)
+    assert not bool((masked & ~eligible).any())
+    assert torch.equal(out["budget"], torch.ceil(eligible.sum(1).double() * mask_prob).long())
+    assert bool((masked.sum(1) >= out["budget"]).all())
+    word = effective_word_starts(eligible, ws).long().cumsum(1)  # whole words only
+    per_word = torch.zeros(n_rows, length + 1, dtype=torch.long)
+    hit = per_word.scatter_add(1, word, (masked & eligible).long())
+    size = per_word.scatter_add(1, word, eligible.long())
+    assert bool(((hit == 0) | (hit == size))[:, 1:].all())
+    assert int(out["span_words_used"].max()) <= 10
 
 
 def test_80_10_10_once_per_span(vocab):
