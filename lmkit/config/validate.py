@@ -316,6 +316,70 @@ def check_accelerator_visible(trainer: TrainerConfig, cuda_count=None, mps=None)
                           f"(>= 1) or auto; device indices and -1 are for GPUs.")
 
 
+def _min_parameters(model) -> int | None:
+    """A lower bound on the parameters of a built-in architecture's config (None for other configs).
+
+    Counts only what is certainly allocated: the token embedding (the tokenizer's vocabulary is at
+    least 266), learned position embeddings, and each distinct block's attention and MLP weights.
+    """
+    if not type(model).__module__.startswith("lmkit.models."):
+        return None
+    try:
+        d, name = int(model.d_model), model.name
+        d_ff = int(model.d_ff or 4 * d)
+        width = int(getattr(model, "embedding_size", d)) if name == "albert" else d
+        vocab = int(model.vocab_size or 266)
+        blocks = 1 if name == "albert" else int(model.n_layer) + int(getattr(model, "n_decoder_layer", None) or
+                                                                    (model.n_layer if name in ("t5", "bart") else 0))
+        positions = {"gpt": 1, "bert": 1, "albert": 1, "bart": 2}.get(name, 0) * int(model.max_seq_len)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return vocab * width + positions * width + blocks * (4 * d * d + 2 * d * d_ff)
+
+
+def _memory_bytes() -> int | None:
+    """This machine's memory (the cgroup limit when lower), or None when it cannot be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_model_fits_memory(model, optimizer, trainer: TrainerConfig, memory: int | None = None) -> None:
+    """Refuse a model whose weights cannot even be allocated (every process builds the whole model in
+    fp32 on the CPU first), or, training on the CPU, whose weights, gradients and optimizer state
+    exceed this machine's memory: such a run would be killed by the OS (SIGKILL, no message)."""
+    params = _min_parameters(model)
+    memory = _memory_bytes() if memory is None else memory
+    if params is None or not memory:
+        return
+    gib = 1024 ** 3
+    sizes = (f"model.d_model={model.d_model}, model.n_layer={model.n_layer}, model.max_seq_len={model.max_seq_len}"
+             + (f", model.vocab_size={model.vocab_size}" if model.vocab_size else ""))
+    if params * 4 > memory:
+        raise ConfigError(f"the model cannot be built here: it has at least {params / 1e9:,.1f}B parameters "
+                          f"({params * 4 / gib:,.1f} GiB in fp32; {sizes}), more than this machine's "
+                          f"{memory / gib:,.1f} GiB of memory. Lower model.max_seq_len, model.d_model or model.n_layer.")
+    import torch
+
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    name = getattr(optimizer, "name", "")
+    states = {"adam": 2, "adamw": 2, "sgd": 1 if getattr(optimizer, "momentum", 0) else 0}.get(name, 0)
+    if on_cpu and params * 4 * (2 + states) > memory:
+        raise ConfigError(f"the model cannot train on this machine's CPU: it has at least {params / 1e9:,.1f}B "
+                          f"parameters, and its fp32 weights, gradients and {states} {name} state(s) take "
+                          f"{params * 4 * (2 + states) / gib:,.1f} GiB, more than the {memory / gib:,.1f} GiB of memory "
+                          f"({sizes}). Lower model.max_seq_len, model.d_model or model.n_layer, or train on GPUs.")
+
+
 def _warn_past_the_end(trainer: TrainerConfig, scheduler, data: DataConfig) -> None:
     """Warm-up or batch ramps longer than the run are allowed (a short test of a long recipe), with one warning each.
 
@@ -379,6 +443,7 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
         raise ConfigError(f"seed must be in [0, 2**32 - 1] = [0, 4294967295] (what numpy's and torch's generators "
                           f"take), got {seed!r}")
     check_accelerator_visible(trainer)
+    check_model_fits_memory(model, optimizer, trainer)
     _warn_past_the_end(trainer, scheduler, data)
     return RunConfig(cfg, model, model_c, objective, objective_c, optimizer, optimizer_c, scheduler, scheduler_c,
                      strategy, strategy_c, tokenizer, tokenizer_c, data, dataset_c, trainer, logger, callbacks,
