@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
     try:
+        from lmkit.config.schema import check_launch_environment
+
+        check_launch_environment(os.environ)  # before anything imports Lightning, which reads RANK & co.
         from lmkit.commands import select_verb
         from lmkit.commands.help import main as show_help, version_main
         from lmkit.plugins import get_plugin_manager

@@ -118,6 +118,12 @@ def shared_run_dir(default: str, launch: Launch | None = None) -> str:
 
 
 def is_rank_zero() -> bool:
-    """True for the process that prints summaries (rank 0, or a plain process)."""
-    launch = detect_launch()
+    """True for the process that prints summaries and errors (rank 0, or a plain process).
+
+    A garbled launcher environment counts as rank 0: its error must still be printed.
+    """
+    try:
+        launch = detect_launch()
+    except ValueError:
+        return True
     return launch is None or launch.rank == 0

@@ -92,6 +92,9 @@ class PluginManager:
                     self.failed.append(failure)
                     warn(failure.describe())
                     continue
+                if isinstance(components, Component) or not isinstance(components, (list, tuple)):
+                    raise PluginError(f"{dist} {version}: {hook_name} must return a list of lmkit.registry.Component "
+                                      f"objects, got {type(components).__name__}. Fix or uninstall {dist}.")
                 for component in components:
                     if not isinstance(component, Component):
                         raise PluginError(f"{dist} {version}: {hook_name} must return lmkit.registry.Component objects, got {type(component).__name__}")

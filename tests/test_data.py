@@ -156,3 +156,18 @@ def test_bpe_tokenizer_trains_end_to_end(tmp_path, tiny):
     s = run(tiny + ["tokenizer=bpe", "tokenizer.vocab_size=400", "trainer.max_steps=3"], tmp_path)
     assert s["end"]["val/bpb"] < s["start"]["val/bpb"]
     assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_damaged_tokenizer_cache_entry_is_trained_again(tmp_path, capsys):
+    from lmkit.tokenizers.trained import load_or_train
+
+    texts = lambda: ["to be or not to be, that is the question"] * 50  # noqa: E731
+    first = load_or_train("bpe", texts, "corpus", tmp_path, vocab_size=300, num_sentinels=0, min_frequency=1)
+    (entry,) = (tmp_path / "tokenizers").iterdir()
+    entry.write_text("{ not json")
+    again = load_or_train("bpe", texts, "corpus", tmp_path, vocab_size=300, num_sentinels=0, min_frequency=1)
+    assert again.encode("to be or not") == first.encode("to be or not")
+    err = capsys.readouterr().err
+    assert err.count("lmkit: warning:") == 1 and "is damaged" in err and "training it again" in err
+    assert entry.read_text().startswith("{") and load_or_train(  # repaired on disk
+        "bpe", texts, "corpus", tmp_path, vocab_size=300, num_sentinels=0, min_frequency=1).vocab_size == first.vocab_size

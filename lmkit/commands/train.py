@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     preflight(args, pm)
     if "--cfg" not in args.hydra_flags and "-c" not in args.hydra_flags:  # --cfg only prints the config
         _choose_run_dir(args)
+        _check_output_dirs(args)
     return _run_hydra(pm.config_dirs(), args)
 
 
@@ -126,6 +127,15 @@ def _choose_run_dir(args) -> None:
         chosen = shared_run_dir(default)
     if chosen is not None:
         args.overrides.append(f"{key}={_quote(chosen)}")
+
+
+def _check_output_dirs(args) -> None:
+    """The run (or sweep) directory can be created: Hydra would create it first and fail with a traceback."""
+    from lmkit.config.schema import check_creatable_dir
+
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    given = _override_value(args.overrides, key)
+    check_creatable_dir(key, given.strip("'\"") if given else ("multirun" if args.multirun else "outputs"))
 
 
 def _quote(path: str) -> str:

@@ -127,9 +127,15 @@ def load_or_train(kind: str, texts: Callable[[], Iterable[str]], corpus_fingerpr
     """The cached tokenizer for this corpus and settings, training it on first use."""
     corpus_key = hashlib.sha256(corpus_fingerprint.encode()).hexdigest()[:16]  # fingerprints hold any characters
     path = Path(cache_dir) / "tokenizers" / f"{kind}-{vocab_size}-{min_frequency}-{corpus_key}.json"
+    hf = None
     if path.exists():
-        hf = HFTokenizer.from_file(str(path))
-    else:
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # a damaged cache entry (disk, an interrupted copy): it is only a cache
+            from lmkit.plugins import warn
+
+            warn(f"the cached tokenizer {path} is damaged ({type(e).__name__}); training it again")
+    if hf is None:
         hf = train_hf_tokenizer(kind, texts(), vocab_size, min_frequency)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
