@@ -62,6 +62,25 @@ class StepCheckpoint(ModelCheckpoint):
 
     resumes_own_dir = False
 
+    @property
+    def state_key(self) -> str:
+        # one key whatever trainer.checkpoint_every_n_steps (Lightning's includes it): a resume that
+        # changes the interval still restores which files are last.ckpt and the kept steps (else
+        # Lightning writes last-v1.ckpt and never removes the earlier attempt's step files)
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Find this callback's state under another key: another interval, or Lightning's ModelCheckpoint."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        same = f"{{'monitor': {self.monitor!r}, 'mode': {self.mode!r}"
+        for key, state in list(states.items()):
+            name, _, rest = str(key).partition("{")
+            if name in ("ModelCheckpoint", type(self).__qualname__) and ("{" + rest).startswith(same):
+                states[self.state_key] = state
+                return
+
     def setup(self, trainer, pl_module, stage) -> None:
         with warnings.catch_warnings():
             if self.resumes_own_dir:
@@ -241,8 +260,7 @@ def check_lmkit_state(checkpoint, path) -> None:
 
 
 #: entries of LMDataModule.fingerprint that decide the data order; the others only explain a corpus change
-DATA_KEYS = ("corpus", "tokenizer", "seed", "data.seq_len", "data.val_fraction", "data.batch_size", "data.grad_accum",
-             "data.batch_ramp_start", "data.batch_ramp_steps")
+DATA_KEYS = ("corpus", "tokenizer", "seed", "data.seq_len", "data.val_fraction")
 
 
 def check_same_data(saved: dict | None, current: dict, path, allow_change: bool = False) -> str | None:

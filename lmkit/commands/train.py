@@ -117,12 +117,18 @@ def _choose_run_dir(args) -> None:
     chosen = None
     resume = _override_value(args.overrides, "resume")
     fork = (_override_value(args.overrides, "fork") or "false").lower() == "true"
-    if resume and not fork and not args.multirun:
+    now = datetime.now()
+    if resume and not args.multirun:
         run_dir = _resume_run_dir(resume)
-        if run_dir is not None:
+        if run_dir is not None and not fork:
             chosen = str(run_dir)
+        elif run_dir is not None:  # a fork started within the second its run started must not land in it
+            fresh = Path(f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}")
+            n = 0
+            while (fresh.with_name(f"{fresh.name}-{n}") if n else fresh).exists():
+                n += 1
+            chosen = str(fresh.with_name(f"{fresh.name}-{n}")) if n else None
     if detect_launch() is not None:
-        now = datetime.now()
         default = chosen or f"{'multirun' if args.multirun else 'outputs'}/{now:%Y-%m-%d}/{now:%H-%M-%S}"
         chosen = shared_run_dir(default)
     if chosen is not None:

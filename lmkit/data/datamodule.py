@@ -138,15 +138,15 @@ class LMDataModule(L.LightningDataModule):
         ``corpus`` identifies the training split's tokens (their count and a hash of them, of
         1024 evenly spaced windows for large corpora): a corpus moved elsewhere keeps it, another
         corpus, an edited one or another tokenizer changes it. The other entries are settings.
+        The batch layout is not among them: the loader's state holds the stream position, so a
+        resume with another batch size or number of ranks continues the same stream.
         """
         self.prepare()
         cfg = self.cfg
         paths = cfg.path if isinstance(cfg.path, (list, tuple)) or cfg.path is None else [cfg.path]
         return {
             "corpus": tokens_digest(self.splits.train), "seed": self.seed, "data.seq_len": self.seq_len,
-            "data.val_fraction": cfg.val_fraction, "data.batch_size": cfg.batch_size, "data.grad_accum": cfg.grad_accum,
-            "data.batch_ramp_start": cfg.batch_ramp_start, "data.batch_ramp_steps": cfg.batch_ramp_steps,
-            "tokenizer": self.tokenizer.fingerprint(),
+            "data.val_fraction": cfg.val_fraction, "tokenizer": self.tokenizer.fingerprint(),
             # not compared: they only tell which setting changed the corpus
             "data.source": cfg.source, "data.path": None if paths is None else [os.path.abspath(os.path.expanduser(str(p)))
                                                                              for p in paths],

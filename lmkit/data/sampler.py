@@ -3,8 +3,10 @@
 The order of examples is a pure function of (seed, step): step ``s`` takes the next
 ``k(s) · micro_batch_size · world_size`` positions of an endless stream made of one
 seeded permutation per pass over the data, and each rank takes its slice. Resuming only
-needs the number of steps already consumed, so a resumed run sees exactly the batches the
-uninterrupted run would have seen, mid-epoch included. ``k(s)`` ramps the number of
+needs the number of steps already consumed and the stream position they reached (both in
+the checkpoint, as the loader's state), so a resumed run sees exactly the batches the
+uninterrupted run would have seen, mid-epoch included; one resumed with another batch size
+or number of ranks goes on from the same stream position. ``k(s)`` ramps the number of
 micro-batches per step from ``ramp_start`` to ``grad_accum`` over ``ramp_steps`` steps
 (GPT-3's batch-size ramp).
 """
@@ -28,6 +30,7 @@ class StepBatchSampler:
         self.start_step, self.shuffle = start_step, shuffle
         self.steps_per_epoch = n_items // (micro_batch_size * grad_accum * world_size)
         self._restored_step: int | None = None
+        self._resumed_at: tuple[int, int] | None = None  # (step, stream position) a resume continues from
 
     def micro_batches_at(self, step: int) -> int:
         """Number of micro-batches (per rank) in optimizer step ``step``."""
@@ -36,7 +39,20 @@ class StepBatchSampler:
         return min(self.grad_accum, self.ramp_start + (self.grad_accum - self.ramp_start) * step // self.ramp_steps)
 
     def stream_offset(self, step: int) -> int:
-        """Stream position where step ``step`` begins."""
+        """Stream position where step ``step`` begins.
+
+        After a resume, the saved position of the resumed step plus the examples of the steps
+        since then: a run resumed with another batch size, number of micro-batches or of ranks
+        continues the stream where it stopped (nothing skipped or seen twice). With the same
+        layout this is the uninterrupted run's position.
+        """
+        if self._resumed_at is not None and step >= self._resumed_at[0]:
+            resumed_step, position = self._resumed_at
+            return position + self._layout_offset(step) - self._layout_offset(resumed_step)
+        return self._layout_offset(step)
+
+    def _layout_offset(self, step: int) -> int:
+        """Stream position of step ``step`` when every step so far had this sampler's layout."""
         per_micro = self.mbs * self.world_size
         ramp = min(step, max(self.ramp_steps, 0))
         offset = sum(self.micro_batches_at(s) for s in range(ramp)) * per_micro
@@ -62,15 +78,20 @@ class StepBatchSampler:
     def state_dict(self) -> dict:
         """The position in the data, for Lightning's checkpoints (the loader is then "resumable").
 
-        It is the number of optimizer steps' worth of batches consumed (``start_step()``, the
-        module's ``data_steps``), not of batches fetched: Lightning prefetches one batch ahead.
+        ``data_steps``: the optimizer steps' worth of batches consumed (``start_step()``, the
+        module's ``data_steps``), not of batches fetched (Lightning prefetches one batch ahead);
+        ``stream_position``: where the next step begins in the stream of examples.
         """
-        return {"data_steps": int(self.start_step()), "seed": self.seed, "n_items": self.n_items,
-                "micro_batch_size": self.mbs, "grad_accum": self.grad_accum, "world_size": self.world_size}
+        step = int(self.start_step())
+        return {"data_steps": step, "stream_position": self.stream_offset(step), "seed": self.seed,
+                "n_items": self.n_items, "micro_batch_size": self.mbs, "grad_accum": self.grad_accum,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """The next iteration starts at the saved position (the same step ``start_step()`` gives after a resume)."""
+        """The next iteration starts at the saved step and stream position (see :meth:`stream_offset`)."""
         self._restored_step = int(state["data_steps"])
+        if "stream_position" in state:
+            self._resumed_at = (self._restored_step, int(state["stream_position"]))
 
     def __iter__(self):
         start = int(self.start_step()) if self._restored_step is None else self._restored_step

@@ -103,3 +103,24 @@ def test_resume_on_other_data_is_refused_in_one_line_unless_allowed(tmp_path, mo
     assert "lmkit: warning: resume_allow_data_change=true: continuing on other data than the checkpoint's (seed is 7" \
         in err
     assert load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")["lmkit"]["data"]["seed"] == 7
+
+
+def test_fork_within_the_second_its_run_started_gets_its_own_directory(tmp_path, monkeypatch):
+    """Hydra names run directories by the second: a fork must not reuse the directory of the run it forks."""
+    from datetime import datetime
+    from types import SimpleNamespace
+
+    from lmkit.commands.train import _choose_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime.now()
+    run_dir = Path(f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    args = SimpleNamespace(overrides=[f"resume={run_dir}", "fork=true"], multirun=False)
+    _choose_run_dir(args)
+    chosen = [o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")]
+    # this second's directory is the run's: the fork gets the next free name (or, a second later, Hydra's own)
+    assert chosen in ([f"{run_dir}-1"], []) and str(run_dir) not in chosen
+    args = SimpleNamespace(overrides=[f"resume={run_dir}"], multirun=False)
+    _choose_run_dir(args)
+    assert args.overrides[-1] == f"hydra.run.dir={run_dir}"
