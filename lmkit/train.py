@@ -200,8 +200,14 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     if ckpt_path is not None:
         print(f"lmkit: resuming from {ckpt_path}", flush=True)
         ckpt_state = read_training_state(ckpt_path)
+    init = None
+    if run.raw.get("init_from"):  # existing weights: the source decides the model sizes and the tokenizer
+        from lmkit.interop.init import prepare_init
+
+        init = prepare_init(run)
+        run = init.run
     source = run.dataset_component.factory(run.data)
-    tokenizer = build_tokenizer(run, source, cache_dir)
+    tokenizer = (init.tokenizer if init is not None else None) or build_tokenizer(run, source, cache_dir)
     if ckpt_path is not None:
         saved = ckpt_path.parent.parent / "tokenizer.json"
         if saved.exists() and _saved_tokenizer(saved).fingerprint() != tokenizer.fingerprint():
@@ -212,6 +218,8 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     objective = run.objective_component.factory(run.objective, tokenizer)
     model = build_model(run, tokenizer, pm)
     objective.attach(model)
+    if init is not None and ckpt_path is None:  # a resumed run's weights come from its checkpoint
+        init.apply(model, objective)
     plan = run.strategy_component.factory(run.strategy)
     opt_c, sched_c = run.optimizer_component, run.scheduler_component
     module = LMModule(

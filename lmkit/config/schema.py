@@ -333,4 +333,5 @@ class StrategyConfig:
 TOP_LEVEL_KEYS = {
     "model", "objective", "optimizer", "scheduler", "data", "tokenizer", "trainer", "strategy", "logger",
     "seed", "resume", "fork", "resume_allow_data_change", "callbacks", "callback_options", "output_dir", "experiment",
+    "init_from",
 }

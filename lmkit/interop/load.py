@@ -79,10 +79,11 @@ def _add_base_prefix(state: dict, family, table) -> dict:
     return {prefix + k: v for k, v in state.items()}
 
 
-def convert_hf_state(family, cfg, state: dict, heads: set, allow_missing=None):
+def convert_hf_state(family, cfg, state: dict, heads: set, allow_missing=None, unexpected: list | None = None):
+    """HF tensors -> lmkit tensors (names ``objective.*`` for heads) through the family's table."""
     table = family.table(cfg, heads)
     state = _add_base_prefix(state, family, table)
-    return from_hf(table, state, f"{family.architecture(heads)} -> lmkit {family.name}", allow_missing)
+    return from_hf(table, state, f"{family.architecture(heads)} -> lmkit {family.name}", allow_missing, unexpected)
 
 
 def load_hf(path, *, tokenizer: bool = True, allow_missing=None, dtype: torch.dtype | None = None) -> Loaded:

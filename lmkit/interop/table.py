@@ -203,11 +203,13 @@ def to_hf(table: Table, state: dict[str, torch.Tensor], what: str) -> dict[str, 
 
 
 def from_hf(table: Table, state: dict[str, torch.Tensor], what: str,
-            allow_missing: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+            allow_missing: Callable[[str], bool] | None = None,
+            unexpected: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """HF tensors -> lmkit tensors; every HF tensor used exactly once (tied repeats checked, old buffers ignored).
 
     ``allow_missing(lm_name)``: lmkit tensors that may be absent (heads initialised fresh); returns the
-    converted tensors and the lmkit names that were absent that way.
+    converted tensors and the lmkit names that were absent that way. ``unexpected``: a list that
+    receives the HF tensors no rule uses, instead of an error (a weights-only start lists them).
     """
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -242,6 +244,9 @@ def from_hf(table: Table, state: dict[str, torch.Tensor], what: str,
         if rule.target in out:
             out[rule.lm[0]] = out[rule.target]
     leftovers = {n for n in set(state) - used if not table.ignored(n)}
+    if unexpected is not None:
+        unexpected.extend(sorted(leftovers))
+        leftovers = set()
     if missing or leftovers:
         parts = []
         if leftovers:
