@@ -201,3 +201,23 @@ def test_hf_written_directory_loads(tmp_path):
     loaded = load_hf(tmp_path / "hf", tokenizer=False)
     ids, pad = batch(256, T=16)
     assert max_logit_diff(loaded.model, hf, ids, pad) < TOL
+
+
+def test_pytorch_model_bin_is_read_weights_only(tmp_path):
+    from safetensors.torch import load_file
+
+    model = perturb(GPT(GPTConfig(**SMALL, max_seq_len=32)))
+    export_model(model, TOK, tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(path))
+    path.unlink()
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    assert same_state(model.state_dict(), load_hf(tmp_path / "hf").model.state_dict()) == []
+
+    class Evil:  # anything but tensors and plain data is refused, never unpickled
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    torch.save({"x": Evil()}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(LmkitError, match="weights_only=True"):
+        load_hf(tmp_path / "hf")
