@@ -26,3 +26,19 @@ def write_fake_plugin(root: Path, dist: str, module: str, source: str, version: 
     return root
 
 
+
+
+#: a plugin that registers a second optimizer named ``adamw`` (a name conflict with lmkit's)
+DUP_PLUGIN_SOURCE = """
+import lmkit
+from lmkit.optim.optimizers import build_sgd, OptimizerConfig
+
+def other_factory(groups, cfg):
+    return build_sgd(groups, cfg)
+
+@lmkit.hookimpl
+def lmkit_register_optimizers():
+    return [lmkit.Component("adamw", other_factory, OptimizerConfig)]
+"""
+#: a plugin whose import fails
+BROKEN_PLUGIN_SOURCE = "import lmkit_this_module_does_not_exist\n"

@@ -8,20 +8,7 @@ import pytest
 
 from lmkit.errors import ConfigError, PluginError
 from lmkit.plugins import STRICT_ENV, PluginManager
-
-DUP_SOURCE = """
-import lmkit
-from lmkit.optim.optimizers import build_sgd, OptimizerConfig
-
-def other_factory(groups, cfg):
-    return build_sgd(groups, cfg)
-
-@lmkit.hookimpl
-def lmkit_register_optimizers():
-    return [lmkit.Component("adamw", other_factory, OptimizerConfig)]
-"""
-
-BROKEN_SOURCE = "import lmkit_this_module_does_not_exist\n"
+from lmkit_test_utils import BROKEN_PLUGIN_SOURCE as BROKEN_SOURCE, DUP_PLUGIN_SOURCE as DUP_SOURCE
 
 
 def test_builtins_register_through_hooks_with_provider():
