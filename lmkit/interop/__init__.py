@@ -38,8 +38,12 @@ no name for (init, bias=false, type_vocab_size=0) included.
 
 Import (:func:`load_hf`) reads a local HF directory of these families (config.json decides
 the family and sizes; ``model.safetensors`` preferred, ``pytorch_model.bin`` only with
-``weights_only=True``; never the hub) into an lmkit model and tokenizer. transformers is not
-needed for either direction.
+``weights_only=True``; never the hub) into an lmkit model and tokenizer: lmkit's own exports
+come back bit for bit; a directory transformers wrote (bert-base, gpt2, t5) keeps its own
+tokenizer, whose special tokens stand in for lmkit's (``[SEP]`` as ``<eos>``, GPT-2's
+``<|endoftext|>`` as eos, bos and pad; :class:`lmkit.interop.tokenizer.HFDirTokenizer`).
+``init_from=PATH`` starts a training run from such a directory or from an lmkit run
+(:mod:`lmkit.interop.init`). transformers is not needed for any of this.
 
 The tokenizer files: trained bpe/wordpiece/unigram tokenizers are exported as they are
 (their tokenizer.json is already an HF ``tokenizers`` file); the byte tokenizer as an

@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 
 from lmkit.tokenizers.base import SPECIAL_TOKENS
 from lmkit.tokenizers.byte import ByteTokenizer
+from lmkit.tokenizers.trained import TrainedTokenizer
 
 HF_ROLES = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
             "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -112,12 +113,87 @@ def tokenizer_files(tokenizer, family: str, max_len: int | None) -> dict[str, st
     }
 
 
+#: lmkit special token -> the HF roles that may stand for it, in order (GPT-2 has only <|endoftext|>: it is
+#: eos, bos and pad; BERT has no eos/bos: [SEP] ends and [CLS] starts)
+ROLE_CANDIDATES = {
+    "<pad>": ("pad_token", "eos_token", "unk_token"), "<eos>": ("eos_token", "sep_token"),
+    "<bos>": ("bos_token", "cls_token", "eos_token"), "<unk>": ("unk_token", "eos_token"),
+    "[CLS]": ("cls_token", "bos_token", "eos_token"), "[SEP]": ("sep_token", "eos_token"),
+    "[MASK]": ("mask_token", "unk_token", "eos_token"), "[NLU]": ("unk_token", "eos_token"),
+    "[NLG]": ("unk_token", "eos_token"), "[S2S]": ("unk_token", "eos_token"),
+}
+
+
+def _token_text(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def foreign_roles(hf: HFTokenizer, config: dict, path) -> dict[str, str]:
+    """lmkit special name -> the token of a foreign HF tokenizer that plays its part (see :data:`ROLE_CANDIDATES`)."""
+    from lmkit.errors import ConfigError
+
+    given = {role: _token_text(config.get(role)) for role in HF_ROLES if config.get(role) is not None}
+    roles = {}
+    for name, candidates in ROLE_CANDIDATES.items():
+        if hf.token_to_id(name) is not None:
+            roles[name] = name
+            continue
+        found = next((given[r] for r in candidates if r in given and hf.token_to_id(given[r]) is not None), None)
+        if found is None:
+            raise ConfigError(f"the tokenizer in '{path}' has no token lmkit can use as {name} (tokenizer_config.json "
+                              f"names none of {', '.join(candidates)})")
+        roles[name] = found
+    return roles
+
+
+class HFDirTokenizer(TrainedTokenizer):
+    """A foreign HF tokenizer (bert-base's, gpt2's, t5's) with its special tokens standing in for lmkit's names.
+
+    ``roles`` maps each lmkit special name to the tokenizer's own token (``"[MASK]" -> "[MASK]"``,
+    ``"<eos>" -> "[SEP]"``, ...). Saved as a JSON holding the HF tokenizer and the roles, which
+    :func:`lmkit.tokenizers.trained.load_tokenizer_file` reads back.
+    """
+
+    def __init__(self, hf: HFTokenizer, kind: str, num_sentinels: int, roles: dict[str, str]):
+        self.roles = dict(roles)
+        super().__init__(hf, kind, num_sentinels)
+        self._special = {name: hf.token_to_id(token) for name, token in self.roles.items()}
+
+    def special_table(self):
+        table = super().special_table()
+        for token in list(self.roles.values()) + [t.content for t in self.hf.get_added_tokens_decoder().values()
+                                                   if t.special]:
+            i = self.hf.token_to_id(token)
+            if i is not None and i < len(table):
+                table[i] = True
+        return table
+
+    def save(self, path) -> None:
+        data = {"lmkit_tokenizer": "hf_dir", "kind": self.kind, "num_sentinels": self.num_sentinels,
+                "roles": self.roles, "tokenizer": json.loads(self.hf.to_str())}
+        with open(path, "w") as f:
+            json.dump(data, f, ensure_ascii=False)
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{super().fingerprint()}:{sorted(self.roles.items())}".encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_saved(cls, data: dict) -> "HFDirTokenizer":
+        hf = HFTokenizer.from_str(json.dumps(data["tokenizer"]))
+        return cls(hf, data["kind"], int(data["num_sentinels"]), data["roles"])
+
+
 def load_tokenizer_dir(path):
-    """The lmkit tokenizer of an HF model directory written by lmkit (tokenizer.json + tokenizer_config.json)."""
+    """The lmkit tokenizer of an HF model directory (tokenizer.json + tokenizer_config.json).
+
+    A directory lmkit exported gives back its own tokenizer; a foreign one (bert-base's, gpt2's)
+    an :class:`HFDirTokenizer` whose special tokens stand in for lmkit's names.
+    """
     from pathlib import Path
 
     from lmkit.errors import ConfigError
-    from lmkit.tokenizers.trained import TrainedTokenizer
 
     path = Path(path)
     tj = path / "tokenizer.json"
@@ -132,13 +208,14 @@ def load_tokenizer_dir(path):
         n_sentinels = sum(1 for name in hf.get_vocab(with_added_tokens=True) if name.startswith("<extra_id_"))
     if config.get("lmkit_tokenizer") == "byte":
         return ByteTokenizer(num_sentinels=int(n_sentinels))
-    missing = [n for n in SPECIAL_TOKENS if hf.token_to_id(n) is None]
-    if missing:
-        raise ConfigError(f"the tokenizer in '{path}' lacks lmkit's special tokens {missing} (lmkit imports the "
-                          f"tokenizers it exported)")
-    hf.post_processor = None  # lmkit's encode adds no special tokens
     kind = {"BPE": "bpe", "WordPiece": "wordpiece", "Unigram": "unigram"}.get(type(hf.model).__name__)
     if kind is None:
         raise ConfigError(f"the tokenizer in '{path}' is a {type(hf.model).__name__} model; lmkit has bpe, "
                           f"wordpiece and unigram")
-    return TrainedTokenizer(hf, kind, int(n_sentinels))
+    if all(hf.token_to_id(n) is not None for n in SPECIAL_TOKENS):
+        hf.post_processor = None  # lmkit's encode adds no special tokens
+        return TrainedTokenizer(hf, kind, int(n_sentinels))
+    special_map = path / "special_tokens_map.json"
+    if special_map.is_file():
+        config = {**json.loads(special_map.read_text()), **{k: v for k, v in config.items() if k in HF_ROLES}}
+    return HFDirTokenizer(hf, kind, int(n_sentinels), foreign_roles(hf, config, path))

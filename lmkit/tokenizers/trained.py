@@ -152,6 +152,10 @@ def load_tokenizer_file(path) -> Tokenizer:
     data = json.loads(text)
     if data.get("lmkit_tokenizer") == "byte":
         return ByteTokenizer(num_sentinels=int(data.get("num_sentinels", 0)))
+    if data.get("lmkit_tokenizer") == "hf_dir":  # a Hugging Face model's own tokenizer (init_from=HF_DIR)
+        from lmkit.interop.tokenizer import HFDirTokenizer
+
+        return HFDirTokenizer.from_saved(data)
     hf = HFTokenizer.from_str(text)
     kind = type(hf.model).__name__.lower()
     kind = {"bpe": "bpe", "wordpiece": "wordpiece", "unigram": "unigram"}[kind]
