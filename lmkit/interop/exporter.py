@@ -105,7 +105,16 @@ def export(source, out_dir, force: bool = False) -> dict:
     files.update(tokenizer_files(src.tokenizer, family.name, getattr(src.config, "max_seq_len", None)))
     out = write_dir(out_dir, files, tensors, force=force)
     return {"out_dir": str(out), "architecture": config["architectures"][0], "checkpoint": str(src.checkpoint),
-            "left_out": dropped + [f"{n} (a training-only objective tensor)" for n in left_out], "tensors": len(tensors)}
+            "left_out": dropped + _objective_note(left_out, config["architectures"][0]), "tensors": len(tensors)}
+
+
+def _objective_note(names: list[str], architecture: str) -> list[str]:
+    """One phrase for the objective tensors left out, grouped by module (``objective.sbo.*``)."""
+    if not names:
+        return []
+    groups = sorted({n.split(".")[1] + (".*" if n.count(".") > 1 else "") for n in names})
+    return [f"{', '.join('objective.' + g for g in groups)} (training-only objective heads; {architecture} has no "
+            f"place for them)"]
 
 
 def export_model(model, tokenizer, out_dir, head_state: dict | None = None, objective: dict | None = None,

@@ -154,3 +154,20 @@ def test_export_is_listed_in_help(capsys):
     assert "export" in capsys.readouterr().out
     assert lmkit.cli.main(["export", "--help"]) == 0
     assert "RUN_DIR|CHECKPOINT OUT_DIR" in capsys.readouterr().out
+
+
+def test_training_only_heads_are_left_out_and_listed(tmp_path, capsys):
+    """SpanBERT's span-boundary head has no place in BertForMaskedLM: the export lists it in one line."""
+    base = [a for a in TINY if not a.startswith("model.")]
+    run = _train(tmp_path / "run", ["+objective=span_bert", "model.n_layer=1", "model.n_head=2", "model.d_model=32",
+                                    *base])
+    capsys.readouterr()
+    assert lmkit.cli.main(["export", str(run), str(tmp_path / "hf")]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[1] == ("lmkit: left out: pooler.* (the [CLS] pooler: without a sentence-pair head it is frozen and "
+                       "untrained, and BertForMaskedLM has no pooler); objective.sbo.*, objective.sbo_bias "
+                       "(training-only objective heads; BertForMaskedLM has no place for them)")
+    hf = hf_model(tmp_path / "hf", "AutoModelForMaskedLM")
+    model, _ = _lmkit_model(run)
+    ids, pad = batch(256, T=20, pad_from=12)
+    assert max_logit_diff(model, hf, ids, pad) < TOL
