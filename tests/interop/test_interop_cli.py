@@ -171,3 +171,26 @@ def test_training_only_heads_are_left_out_and_listed(tmp_path, capsys):
     model, _ = _lmkit_model(run)
     ids, pad = batch(256, T=20, pad_from=12)
     assert max_logit_diff(model, hf, ids, pad) < TOL
+
+
+@pytest.mark.slow
+def test_pipeline_run_exports_directly(tmp_path):
+    """A 2-stage pipeline run (torchrun, 2 processes) saves whole-model checkpoints: they export as they are."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("lmkit_pipeline")
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("model.n_layer")] + ["model.n_layer=2", "trainer.max_steps=2",
+                                                                     "strategy=pipeline", f"hydra.run.dir={run}"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lmkit", *args],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert lmkit.cli.main(["export", str(run), str(tmp_path / "hf")]) == 0
+    model, _ = _lmkit_model(run)
+    hf = hf_model(tmp_path / "hf", "AutoModelForCausalLM")
+    ids, pad = batch(256, T=20, pad_from=12)
+    assert max_logit_diff(model, hf, ids, pad) < TOL
+    assert same_state(model.state_dict(), load_hf(tmp_path / "hf").model.state_dict()) == []
