@@ -118,3 +118,15 @@ def test_init_from_a_bare_weights_file(trained, tmp_path, capsys):
     built = lmkit.api.build([*TINY, f"init_from={tmp_path / 'weights.pt'}"], tmp_path / "run")
     assert "loaded 16 tensors" in capsys.readouterr().out
     assert same_state(weights, dict(built.module.model.state_dict())) == []
+
+
+def test_resume_auto_with_init_from_restarts_from_the_checkpoint(trained, tmp_path, capsys):
+    """The same command for the first start and every restart: the first loads the source, a restart resumes."""
+    _, hf_dir = trained
+    argv = [*TINY, f"init_from={hf_dir}", "resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert lmkit.cli.main([*argv, "trainer.max_steps=2"]) == 0
+    assert "loaded 16 tensors" in capsys.readouterr().out
+    assert lmkit.cli.main([*argv, "trainer.max_steps=4"]) == 0
+    said = capsys.readouterr().out
+    assert "lmkit: resuming from" in said and "loaded 16 tensors" not in said
+    assert "trained 2 steps (4 in total)" in said
