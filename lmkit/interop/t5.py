@@ -3,9 +3,12 @@
 Both compute the same function: pre-RMSNorm blocks, unscaled attention, one relative-position
 table per stack (HF keeps it in block 0), and a tied head that scales the decoder output by
 d_model**-0.5 (``tie_word_embeddings`` true; false = an untied ``lm_head`` without the
-scaling, T5 v1.1). lmkit's fused qkv (and the cross-attention's kv) are split into q/k/v.
+scaling, T5 v1.1). transformers 5 writes ``scale_decoder_outputs`` for the scaling and may tie
+an unscaled head's weights (see :func:`_tied_head`). lmkit's fused qkv (and the cross-attention's kv) are split into q/k/v.
 """
 from __future__ import annotations
+
+import torch
 
 from lmkit.errors import ConfigError
 from lmkit.interop.family import Family, Field
@@ -71,8 +74,26 @@ def _d_kv_check(hf: dict, state: dict) -> dict:
     ffn = hf.get("feed_forward_proj", "relu")
     if ffn not in ("relu", "gated-gelu"):
         raise ConfigError(f"t5 config.json has feed_forward_proj={ffn!r}; lmkit's t5 supports 'relu' and 'gated-gelu'")
-    # tie_word_embeddings is absent from some files (HF's default: true)
-    return {"ffn": ffn, "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
+    return {"ffn": ffn, "tie_embeddings": _tied_head(hf, state)}
+
+
+def _tied_head(hf: dict, state: dict) -> bool:
+    """Whether the file's head is lmkit's tied, rescaled one (True) or an untied, unscaled one (False).
+
+    transformers 5 separates the rescaling (``scale_decoder_outputs``) from tying the weights: a T5
+    v1.1 it creates has an unscaled head that shares the embedding, and saves no ``lm_head.weight``.
+    That head is lmkit's untied head holding a copy of the embedding (added to ``state`` here).
+    Older files: ``tie_word_embeddings`` (default true) means both.
+    """
+    scaled = bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
+    head, shared = state.get("lm_head.weight"), state.get("shared.weight")
+    own_head = head is not None and shared is not None and not torch.equal(head, shared)
+    if scaled and own_head:
+        raise ConfigError("t5 config.json rescales the decoder output (tied head) but the file holds its own "
+                          "lm_head.weight: lmkit's t5 rescales only a head tied to the embedding")
+    if not scaled and head is None and shared is not None:
+        state["lm_head.weight"] = shared.clone()
+    return scaled
 
 
 FAMILY = Family(

@@ -113,3 +113,45 @@ def test_foreign_gpt2_with_one_special_token(gpt2_dir, tmp_path):
     assert max_logit_diff(loaded.model, hf, ids, pad) < TOL
     built = lmkit.api.build([*TINY, f"init_from={gpt2_dir}"], tmp_path / "run")
     assert built.tokenizer.eos_id == end
+
+
+def _foreign_models():
+    t = transformers
+    small = dict(vocab_size=100)
+    return {
+        "t5_v1_1": lambda: t.T5ForConditionalGeneration(t.T5Config(**small, d_model=32, d_kv=16, num_heads=2, num_layers=2,
+                                                                   d_ff=48, feed_forward_proj="gated-gelu",
+                                                                   tie_word_embeddings=False)),
+        "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(**small, d_model=32, d_kv=16, num_heads=2, num_layers=2,
+                                                              num_decoder_layers=1, d_ff=48)),
+        "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(
+            **small, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40)),
+        "albert": lambda: t.AlbertForMaskedLM(t.AlbertConfig(**small, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=2, intermediate_size=48,
+                                                             max_position_embeddings=40)),
+        "bert_pretraining": lambda: t.BertForPreTraining(t.BertConfig(**small, hidden_size=32, num_hidden_layers=2,
+                                                                      num_attention_heads=2, intermediate_size=48,
+                                                                      max_position_embeddings=40)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_foreign_models()))
+def test_models_transformers_saved_import_with_equal_logits(name, tmp_path):
+    torch.manual_seed(0)
+    model = _foreign_models()[name]().eval()
+    with torch.no_grad():  # norms and biases away from 1 and 0
+        for pname, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = load_hf(tmp_path / "hf", tokenizer=False)
+    ids, pad = batch(100, T=30, pad_from=20)
+    if loaded.model.kind == "encoder_decoder":
+        dec, dec_pad = batch(100, T=9, seed=1)
+        diff = max_logit_diff(loaded.model, model, ids, pad, dec=dec, dec_pad=dec_pad)
+    else:
+        diff = max_logit_diff(loaded.model, model, ids, pad)
+    assert diff < TOL
+    if name == "bert_pretraining":
+        assert sorted(loaded.heads) == ["objective.pair_head.bias", "objective.pair_head.weight"]
