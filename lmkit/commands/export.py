@@ -19,7 +19,7 @@ USAGE = "usage: python -m lmkit export RUN_DIR|CHECKPOINT OUT_DIR [--force]"
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1].strip())
+        print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1].strip().replace("``", ""))
         return 0
     force = "--force" in argv
     args = [a for a in argv if a != "--force"]
