@@ -45,7 +45,7 @@ def _table(cfg: ALBERTConfig, heads: set) -> Table:
         rules += linear(P + "pooler", "pooler.dense")
     rules += linear("predictions.dense", "head.dense") + linear("predictions.LayerNorm", "head.ln")
     rules += [Rename("predictions.bias", "lm_bias"), Tied("predictions.decoder.weight", E + "word_embeddings.weight"),
-              Tied("predictions.decoder.bias", "predictions.bias")]
+              Tied("predictions.decoder.bias", "predictions.bias", write=True)]  # transformers 4.46 reads this one
     if "pair" in heads:
         rules += linear("sop_classifier.classifier", "objective.pair_head")
     return Table(rules, ignore_hf=(r"embeddings\.position_ids$",))

@@ -114,11 +114,15 @@ class Zeros(Rule):
 
 
 class Tied(Rule):
-    """HF name ``hf`` repeats HF tensor ``target`` (tied); optional on import, never written."""
+    """HF name ``hf`` repeats HF tensor ``target`` (tied); optional on import, checked equal when present.
 
-    def __init__(self, hf: str, target: str):
+    Not written, unless ``write`` (a copy: some transformers versions, e.g. 4.46 for ALBERT's
+    ``predictions.decoder.bias``, re-tie from the repeat and would lose the target's values).
+    """
+
+    def __init__(self, hf: str, target: str, write: bool = False):
         super().__init__((), (hf,))
-        self.target = target
+        self.target, self.write = target, write
 
     def fill(self, **slots):
         rule = super().fill(**slots)
@@ -191,6 +195,9 @@ def to_hf(table: Table, state: dict[str, torch.Tensor], what: str) -> dict[str, 
             rule.to_hf([state[n] for n in rule.lm])
         for name, t in zip(rule.hf, tensors):
             out[name] = t
+    for rule in table.rules:
+        if isinstance(rule, Tied) and rule.write and rule.target in out:
+            out[rule.hf[0]] = out[rule.target].clone()
     leftovers = set(state) - used
     if missing or leftovers:
         parts = []

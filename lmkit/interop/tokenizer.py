@@ -10,7 +10,10 @@ lmkit's MLM inputs are framed (``[CLS] text [SEP]``), BART exports as ``<bos> te
   merges (one token per UTF-8 byte, id = byte value), the named specials at 256.. and the
   sentinels on top, counting down. lmkit's byte tokenizer never matches special names in
   text (``"[MASK]"`` is six bytes), so the export sets ``split_special_tokens`` (transformers
-  then does the same).
+  4.42 and later then do the same; older versions ignore it for fast tokenizers and read such
+  names in text as the special tokens).
+
+Checked with transformers 4.42, 4.43, 4.46, 4.57 and 5.25 (tests/interop).
 """
 from __future__ import annotations
 
@@ -185,6 +188,14 @@ class HFDirTokenizer(TrainedTokenizer):
         return cls(hf, data["kind"], int(data["num_sentinels"]), data["roles"])
 
 
+def _without_post_processor(hf: HFTokenizer) -> HFTokenizer:
+    """``hf`` without its post-processor (lmkit's encode adds no special tokens; older ``tokenizers`` refuse
+    assigning None, so through the JSON)."""
+    data = json.loads(hf.to_str())
+    data["post_processor"] = None
+    return HFTokenizer.from_str(json.dumps(data))
+
+
 def load_tokenizer_dir(path):
     """The lmkit tokenizer of an HF model directory (tokenizer.json + tokenizer_config.json).
 
@@ -213,8 +224,7 @@ def load_tokenizer_dir(path):
         raise ConfigError(f"the tokenizer in '{path}' is a {type(hf.model).__name__} model; lmkit has bpe, "
                           f"wordpiece and unigram")
     if all(hf.token_to_id(n) is not None for n in SPECIAL_TOKENS):
-        hf.post_processor = None  # lmkit's encode adds no special tokens
-        return TrainedTokenizer(hf, kind, int(n_sentinels))
+        return TrainedTokenizer(_without_post_processor(hf), kind, int(n_sentinels))
     special_map = path / "special_tokens_map.json"
     if special_map.is_file():
         config = {**json.loads(special_map.read_text()), **{k: v for k, v in config.items() if k in HF_ROLES}}
