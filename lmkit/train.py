@@ -6,11 +6,13 @@ import csv
 import dataclasses
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -313,12 +315,46 @@ def save_run_files(run: RunConfig, built: BuiltRun, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "tokenizer.json")
 
 
+#: variables Lightning's distributed strategies set in os.environ for the processes they start
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED",
+                     "PL_SEED_WORKERS")
+
+
+@contextmanager
+def process_state_kept():
+    """Leave the process as the run found it: torch's thread count and the launch variables.
+
+    Lightning's distributed strategies set ``torch.set_num_threads(cores // local ranks)`` when
+    OMP_NUM_THREADS is unset, and export MASTER_ADDR, MASTER_PORT, LOCAL_RANK ... ; a second run
+    in the same process (the API, a sweep, a test suite) would otherwise compute with another
+    thread count (other float rounding: not the same losses) and see a half-set launch.
+    """
+    threads = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in _LAUNCH_VARIABLES}
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def train(run: RunConfig, pm, run_dir: Path) -> dict:
     """Train; return a summary with the validation metrics at the start and the end.
 
     A run stopped by SIGTERM/SIGUSR1 returns early with ``summary["preempted"]`` =
     ``{"signal", "step", "checkpoint"}`` (see :mod:`lmkit.preemption`); otherwise it is None.
+    The process's thread count and launch variables are as before the run when it returns.
     """
+    with process_state_kept():
+        return _train(run, pm, run_dir)
+
+
+def _train(run: RunConfig, pm, run_dir: Path) -> dict:
     built = build_run(run, pm, run_dir)
     save_run_files(run, built, run_dir)
     if built.trainer.global_rank == 0:

@@ -125,3 +125,23 @@ def test_torchrun_bad_input_is_one_line(tmp_path):
     assert errors == ["lmkit: error: trainer.devices=3 but torchrun started 2 processes per node; drop "
                       "trainer.devices (it is taken from the launcher) or launch 3 processes per node."], out.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
+    """Lightning's distributed strategies set torch's thread count and MASTER_ADDR/PORT, LOCAL_RANK ...;
+    a second run in the same process must not inherit them (other threads: other float rounding)."""
+    import torch
+
+    from lmkit.cli import main
+    from lmkit.plugins import get_plugin_manager
+    from lmkit.train import _LAUNCH_VARIABLES
+
+    strategy = "fsdp" if "fsdp" in get_plugin_manager().registries["strategy"] else "ddp"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key in _LAUNCH_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    torch.set_num_threads(1)
+    assert main(TINY + [f"strategy={strategy}", "trainer.devices=1", "trainer.accelerator=cpu"]) == 0
+    assert torch.get_num_threads() == 1
+    assert not [k for k in _LAUNCH_VARIABLES if k in os.environ]
