@@ -159,7 +159,7 @@ def test_decoder_without_attention_mask_is_refused_for_prefix_lm(contract, tmp_p
     # the architectures that have it and fit, and the model= presets that name them
     assert "Drop model= to get its default (model=gpt_tiny)" in line
     assert "choose a model= preset that fits: bart_base" in line and "gpt_tiny" in line and "t5_tiny" in line
-    assert "(architectures: bart, gpt, t5)" in line
+    assert "(architectures: bart, gpt, llama, t5)" in line
     assert "nomask" not in line.split("fits:")[1]  # neither the refused one nor the unchecked nomask_fn
     assert not (tmp_path / "outputs").exists()
 
@@ -196,9 +196,9 @@ def test_incompatible_kind_lists_plugin_presets_too(contract):
     with pytest.raises(ConfigError) as e:
         load_run_config(["model=bert_tiny"])
     msg = str(e.value)
-    assert "choose a model= preset that fits: gpt2_124m, gpt2_350m, gpt_small, gpt_tiny, nomask_fn_tiny, nomask_tiny" \
-           in msg
-    assert "(architectures: gpt, nomask, nomask_fn)" in msg
+    assert ("choose a model= preset that fits: gpt2_124m, gpt2_350m, gpt_small, gpt_tiny, llama_1b, llama_small, "
+            "llama_tiny, nomask_fn_tiny, nomask_tiny") in msg
+    assert "(architectures: gpt, llama, nomask, nomask_fn)" in msg
 
 
 def test_architecture_accepts_resolution():
@@ -243,7 +243,7 @@ def test_objective_needs_resolution():
 KWARG_CAPABILITIES = {"attn_mask", "token_type_ids", "document_ids", "decoder_input_ids"}
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert", "albert", "t5", "bart"])
+@pytest.mark.parametrize("name", ["gpt", "bert", "albert", "t5", "bart", "llama"])
 def test_builtin_architectures_declare_what_they_honour(name):
     """``accepts`` is the class attribute, copied into meta; every declared input changes the output
     (and, but for token_type_ids, which an architecture without segment embeddings takes and

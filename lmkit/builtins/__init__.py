@@ -57,6 +57,7 @@ def lmkit_register_architectures():
     from lmkit.models.bart import BART, BARTConfig
     from lmkit.models.bert import BERT, BERTConfig
     from lmkit.models.gpt import GPT, GPTConfig
+    from lmkit.models.llama import Llama, LlamaConfig
     from lmkit.models.t5 import T5, T5Config
 
     def arch(cls):  # kind and capabilities (lmkit.models.base.CAPABILITIES) come from the class
@@ -69,6 +70,8 @@ def lmkit_register_architectures():
                   meta=arch(ALBERT)),
         Component("t5", T5, T5Config, "T5 encoder-decoder: RMSNorm, relative position buckets", meta=arch(T5)),
         Component("bart", BART, BARTConfig, "BART encoder-decoder: learned positions, post-LN", meta=arch(BART)),
+        Component("llama", Llama, LlamaConfig, "Llama decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention",
+                  meta=arch(Llama)),
     ]
 
 
