@@ -30,6 +30,7 @@ def _lazy(module: str) -> Callable[[list[str]], int]:
 BUILTIN_VERBS = {
     "train": Verb("train", "compose a run from config groups and overrides, and train it (the default)", _lazy("train")),
     "export": Verb("export", "write a run's model as a Hugging Face directory (config.json, model.safetensors, tokenizer)", _lazy("export")),
+    "generate": Verb("generate", "write text from a run's model or a Hugging Face directory, streamed (KV cache; sampling options)", _lazy("generate")),
     "plugins": Verb("plugins", "list every component with its provider and version, and plugins that failed", _lazy("plugins")),
 }
 

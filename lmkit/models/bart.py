@@ -15,7 +15,13 @@ from torch import nn
 
 from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
-from lmkit.models.layers import PostLNBlock, build_attention_bias, cross_attention_mask, require_vocab_size
+from lmkit.models.layers import (
+    PostLNBlock,
+    build_attention_bias,
+    causal_mask_at,
+    cross_attention_mask,
+    require_vocab_size,
+)
 
 
 @dataclass
@@ -64,7 +70,10 @@ class BARTStack(nn.Module):
             for _ in range(n_layer)
         )
 
-    def forward(self, tok_emb, padding_mask=None, attn_mask=None, memory=None, memory_padding_mask=None):
+    def forward(self, tok_emb, padding_mask=None, attn_mask=None, memory=None, memory_padding_mask=None,
+                input_pos=None):
+        if input_pos is not None:
+            return self._forward_cached(tok_emb, input_pos, memory, memory_padding_mask)
         T = tok_emb.shape[1]
         if T > self.wpe.num_embeddings:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.wpe.num_embeddings}")
@@ -74,6 +83,20 @@ class BARTStack(nn.Module):
         memory_mask = cross_attention_mask(memory_padding_mask) if self.is_decoder else None
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=is_causal, memory=memory, memory_mask=memory_mask)
+        return x
+
+    def _forward_cached(self, tok_emb, input_pos: int, memory, memory_padding_mask):
+        """The decoder on the tokens at positions ``input_pos..`` (lmkit's position rows, HF's + 2),
+        attending to its KV cache."""
+        T = tok_emb.shape[1]
+        if input_pos + T > self.wpe.num_embeddings:
+            raise ValueError(f"position {input_pos + T - 1} is beyond the model's max_seq_len={self.wpe.num_embeddings}")
+        pos = torch.arange(input_pos, input_pos + T, device=tok_emb.device)
+        x = self.layernorm_embedding(tok_emb + self.wpe(pos))
+        mask = None if T == 1 else causal_mask_at(input_pos, T, tok_emb.device)
+        memory_mask = cross_attention_mask(memory_padding_mask)
+        for block in self.blocks:
+            x = block(x, mask=mask, is_causal=False, memory=memory, memory_mask=memory_mask, input_pos=input_pos)
         return x
 
 
@@ -102,9 +125,15 @@ class BART(nn.Module):
         """Encoder hidden states [B, S, D]."""
         return self.encoder(self.shared(input_ids) * self.embed_scale, padding_mask, attn_mask)
 
-    def decode(self, decoder_input_ids, encoder_hidden, encoder_padding_mask=None, decoder_padding_mask=None):
-        """Decoder hidden states [B, T, D] given the encoder output."""
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_padding_mask=None, decoder_padding_mask=None,
+               input_pos=None):
+        """Decoder hidden states [B, T, D] given the encoder output.
+
+        ``input_pos`` (int, generation only): the decoder tokens at positions ``input_pos..``, with a KV
+        cache on the decoder's attention layers (see :mod:`lmkit.generation`)."""
         x = self.shared(decoder_input_ids) * self.embed_scale
+        if input_pos is not None:
+            return self.decoder(x, None, None, encoder_hidden, encoder_padding_mask, input_pos=input_pos)
         return self.decoder(x, decoder_padding_mask, None, encoder_hidden, encoder_padding_mask)
 
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,

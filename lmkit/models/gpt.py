@@ -8,7 +8,14 @@ from torch import nn
 
 from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
-from lmkit.models.layers import MLP, SelfAttention, apply_documents, build_attention_bias, sum_embeddings
+from lmkit.models.layers import (
+    MLP,
+    SelfAttention,
+    apply_documents,
+    build_attention_bias,
+    causal_mask_at,
+    sum_embeddings,
+)
 
 
 @dataclass
@@ -46,8 +53,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, "gelu", cfg.dropout, cfg.bias)
 
-    def forward(self, x, mask=None, is_causal=True):
-        x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal)
+    def forward(self, x, mask=None, is_causal=True, input_pos=None):
+        if input_pos is None:
+            x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal)
+        else:  # generation with a KV cache
+            x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal, input_pos=input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -75,7 +85,11 @@ class GPT(nn.Module):
         initialize(self, cfg.init, cfg.init_std, cfg.n_layer)
 
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,
-                decoder_input_ids=None, decoder_padding_mask=None, document_ids=None):
+                decoder_input_ids=None, decoder_padding_mask=None, document_ids=None, input_pos=None):
+        """``input_pos`` (int, generation only): ``input_ids`` are the tokens at positions ``input_pos..``
+        and every attention layer has a ``kv_cache`` (see :mod:`lmkit.generation`)."""
+        if input_pos is not None:
+            return self._forward_cached(input_ids, input_pos)
         T = input_ids.shape[1]
         attn_mask, position_ids = apply_documents(document_ids, True, attn_mask)
         x = self.drop(sum_embeddings(input_ids, self.wte, self.wpe, max_seq_len=self.max_seq_len,
@@ -83,6 +97,17 @@ class GPT(nn.Module):
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, True, T, T, input_ids.device)
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=is_causal)
+        return self.ln_f(x)
+
+    def _forward_cached(self, input_ids, input_pos: int):
+        T = input_ids.shape[1]
+        if input_pos + T > self.max_seq_len:
+            raise ValueError(f"position {input_pos + T - 1} is beyond the model's max_seq_len={self.max_seq_len}")
+        pos = torch.arange(input_pos, input_pos + T, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)
+        mask = None if T == 1 else causal_mask_at(input_pos, T, input_ids.device)  # one new token sees all keys
+        for block in self.blocks:
+            x = block(x, mask=mask, is_causal=False, input_pos=input_pos)
         return self.ln_f(x)
 
     def output_embedding(self) -> torch.Tensor:

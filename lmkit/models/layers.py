@@ -94,17 +94,63 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
+        self.scale = None  # SDPA's 1/sqrt(d_head)
+        self.kv_cache: KVCache | None = None  # generation only (lmkit.generation); training never sets it
 
-    def forward(self, x, mask=None, is_causal=False, position_bias=None):
+    def forward(self, x, mask=None, is_causal=False, position_bias=None, input_pos=None):
+        """``input_pos`` (generation only): with ``kv_cache`` set, ``x`` holds the tokens at positions
+        ``input_pos .. input_pos+T-1``; their keys/values are written to the cache and the queries attend to
+        all cached keys ``0 .. input_pos+T-1`` (``mask``/``position_bias`` are then [.., T, input_pos+T])."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask, is_causal = fold_position_bias(position_bias, mask, is_causal, T, T, q.dtype, x.device)
+        if input_pos is not None and self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        mask, is_causal = fold_position_bias(position_bias, mask, is_causal, T, k.shape[2], q.dtype, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class KVCache:
+    """Keys and values of one self-attention layer during generation: [B, H, max_len, d_head] each.
+
+    Not a module (no state_dict entry, nothing for training to see): :mod:`lmkit.generation` attaches
+    one to each attention layer (``attn.kv_cache``) for a generation and removes it afterwards.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=None):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` [B, H, T, hd] at positions ``input_pos..``; all keys/values up to there."""
+        end = input_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} was asked for")
+        self.k[:, :, input_pos:end] = k
+        self.v[:, :, input_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class MemoryKV:
+    """Cross-attention keys/values of the encoder memory, computed once per generation (``None`` until then)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+
+def causal_mask_at(input_pos: int, q_len: int, device) -> torch.Tensor:
+    """Bool [1, 1, q_len, input_pos+q_len]: query i (at position ``input_pos+i``) may attend to keys <= it.
+
+    Explicit, since SDPA's ``is_causal`` aligns top-left when q_len != k_len (pytorch#108108).
+    """
+    k_pos = torch.arange(input_pos + q_len, device=device)
+    q_pos = torch.arange(input_pos, input_pos + q_len, device=device)
+    return (k_pos[None, :] <= q_pos[:, None])[None, None]
 
 
 class MLP(nn.Module):
@@ -174,17 +220,6 @@ class ScaledSelfAttention(SelfAttention):
         super().__init__(d_model, n_head, dropout, bias)
         self.scale = scale
 
-    def forward(self, x, mask=None, is_causal=False, position_bias=None):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)
-        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask, is_causal = fold_position_bias(position_bias, mask, is_causal, T, T, q.dtype, x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
-        )
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
 
 class CrossAttention(nn.Module):
     """Multi-head attention from queries ``x`` [B, T, D] to a ``memory`` [B, S, D].
@@ -206,14 +241,21 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
         self.scale = scale
+        self.kv_cache: MemoryKV | None = None  # generation only: the memory's K/V, computed once
 
     def forward(self, x, memory, mask=None, position_bias=None):
         B, T, D = x.shape
         S = memory.shape[1]
         h = self.n_head
         q = self.q(x).view(B, T, h, D // h).transpose(1, 2)
-        k, v = self.kv(memory).split(D, dim=-1)
-        k, v = (t.view(B, S, h, D // h).transpose(1, 2) for t in (k, v))
+        cache = self.kv_cache
+        if cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v
+        else:
+            k, v = self.kv(memory).split(D, dim=-1)
+            k, v = (t.view(B, S, h, D // h).transpose(1, 2) for t in (k, v))
+            if cache is not None:
+                cache.k, cache.v = k, v
         mask, _ = fold_position_bias(position_bias, mask, False, T, S, q.dtype, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
@@ -279,8 +321,12 @@ class PostLNBlock(nn.Module):
             return x + self.drop(fn(norm(x)))
         return norm(x + self.drop(fn(x)))
 
-    def forward(self, x, mask=None, is_causal=False, memory=None, memory_mask=None):
-        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, mask=mask, is_causal=is_causal))
+    def forward(self, x, mask=None, is_causal=False, memory=None, memory_mask=None, input_pos=None):
+        if input_pos is None:
+            x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, mask=mask, is_causal=is_causal))
+        else:  # generation with a KV cache
+            x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, mask=mask, is_causal=is_causal,
+                                                                 input_pos=input_pos))
         if self.cross_attn is not None:
             x = self._sublayer(x, self.ln_x, lambda h: self.cross_attn(h, memory, mask=memory_mask))
         # MLP applies its own output dropout.

@@ -33,6 +33,7 @@ from lmkit.models.layers import (
     GatedMLP,
     ScaledSelfAttention,
     build_attention_bias,
+    causal_mask_at,
     cross_attention_mask,
     fold_position_bias,
     require_vocab_size,
@@ -118,9 +119,10 @@ class RelativePositionBias(nn.Module):
         self.bidirectional, self.num_buckets, self.max_distance = bidirectional, num_buckets, max_distance
         self.relative_attention_bias = nn.Embedding(num_buckets, n_head)
 
-    def forward(self, q_len: int, k_len: int, device=None) -> torch.Tensor:
+    def forward(self, q_len: int, k_len: int, device=None, q_offset: int = 0) -> torch.Tensor:
+        """``q_offset``: the queries sit at positions ``q_offset..`` (generation with a KV cache)."""
         device = device or self.relative_attention_bias.weight.device
-        q_pos = torch.arange(q_len, dtype=torch.long, device=device)[:, None]
+        q_pos = torch.arange(q_offset, q_offset + q_len, dtype=torch.long, device=device)[:, None]
         k_pos = torch.arange(k_len, dtype=torch.long, device=device)[None, :]
         buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
@@ -149,8 +151,13 @@ class T5Block(nn.Module):
             raise ValueError(f"unknown T5 ffn {cfg.ffn!r}; choose one of {T5_FFN}")
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, is_causal=False, position_bias=None, memory=None, memory_mask=None):
-        x = x + self.drop(self.attn(self.ln_1(x), mask=mask, is_causal=is_causal, position_bias=position_bias))
+    def forward(self, x, mask=None, is_causal=False, position_bias=None, memory=None, memory_mask=None,
+                input_pos=None):
+        if input_pos is None:
+            x = x + self.drop(self.attn(self.ln_1(x), mask=mask, is_causal=is_causal, position_bias=position_bias))
+        else:  # generation with a KV cache
+            x = x + self.drop(self.attn(self.ln_1(x), mask=mask, is_causal=is_causal, position_bias=position_bias,
+                                        input_pos=input_pos))
         if self.cross_attn is not None:
             x = x + self.drop(self.cross_attn(self.ln_x(x), memory, mask=memory_mask))
         return x + self.mlp(self.ln_2(x))  # MLP applies its own output dropout
@@ -168,7 +175,9 @@ class T5Stack(nn.Module):
         self.ln_f = nn.RMSNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask=None, attn_mask=None, memory=None, memory_padding_mask=None):
+    def forward(self, x, padding_mask=None, attn_mask=None, memory=None, memory_padding_mask=None, input_pos=None):
+        if input_pos is not None:
+            return self._forward_cached(x, input_pos, memory, memory_padding_mask)
         T = x.shape[1]
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, self.is_decoder, T, T, x.device)
         # Computed once and shared by all layers; the masks are folded in here (-inf), once.
@@ -177,6 +186,18 @@ class T5Stack(nn.Module):
         memory_mask = cross_attention_mask(memory_padding_mask) if self.is_decoder else None
         for block in self.blocks:
             x = block(x, position_bias=bias, memory=memory, memory_mask=memory_mask)
+        return self.drop(self.ln_f(x))
+
+    def _forward_cached(self, x, input_pos: int, memory, memory_padding_mask):
+        """The decoder on the tokens at positions ``input_pos..``, attending to its KV cache: the bias rows
+        of those query positions, over keys ``0 .. input_pos+T-1``."""
+        T = x.shape[1]
+        K = input_pos + T
+        bias = self.relative_attention_bias(T, K, x.device, q_offset=input_pos)
+        bias, _ = fold_position_bias(bias, causal_mask_at(input_pos, T, x.device), False, T, K, bias.dtype, x.device)
+        memory_mask = cross_attention_mask(memory_padding_mask)
+        for block in self.blocks:
+            x = block(x, position_bias=bias, memory=memory, memory_mask=memory_mask, input_pos=input_pos)
         return self.drop(self.ln_f(x))
 
 
@@ -241,9 +262,15 @@ class T5(nn.Module):
         """Encoder hidden states [B, S, D] (final RMSNorm applied)."""
         return self.encoder(self.drop(self.shared(input_ids)), padding_mask, attn_mask)
 
-    def decode(self, decoder_input_ids, encoder_hidden, encoder_padding_mask=None, decoder_padding_mask=None):
-        """Decoder hidden states [B, T, D] given the encoder output (final RMSNorm applied)."""
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_padding_mask=None, decoder_padding_mask=None,
+               input_pos=None):
+        """Decoder hidden states [B, T, D] given the encoder output (final RMSNorm applied).
+
+        ``input_pos`` (int, generation only): the decoder tokens at positions ``input_pos..``, with a KV
+        cache on the decoder's attention layers (see :mod:`lmkit.generation`)."""
         x = self.drop(self.shared(decoder_input_ids))
+        if input_pos is not None:
+            return self.decoder(x, None, None, encoder_hidden, encoder_padding_mask, input_pos=input_pos)
         return self.decoder(x, decoder_padding_mask, None, encoder_hidden, encoder_padding_mask)
 
     def forward(self, input_ids, *, padding_mask=None, attn_mask=None, token_type_ids=None,

@@ -1,0 +1,390 @@
+"""Text generation from an lmkit model: a KV cache, sampling, stop strings, streaming.
+
+Decoders (gpt) prefill the prompt into a per-layer KV cache, then feed one token at a time;
+encoder–decoders (t5, bart) run the encoder once, cache the cross-attention keys/values of its
+output once, and decode with a self-attention KV cache from the decoder start token (the
+one the model was trained with). Architectures whose ``forward`` takes no ``input_pos`` are
+decoded without a cache (the whole context rerun each step).
+
+Each step: repetition penalty (over the context, as transformers does), then greedy
+(``temperature=0``) or temperature -> top-k -> top-p -> a sample drawn with a
+``torch.Generator`` seeded by ``seed``. Generation ends at ``<eos>``, at a stop string (cut
+before it; text that might start a stop string is held back until resolved, so streamed text
+never shows part of one) or after ``max_new_tokens``.
+
+Python API::
+
+    from lmkit.generation import generate, load_for_generation
+    model, tokenizer, info = load_for_generation("outputs/run")      # run dir, checkpoint or HF dir
+    texts = generate(model, tokenizer, "ROMEO:", max_new_tokens=50, seed=1, **info)
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lmkit.errors import ConfigError
+
+
+@dataclass
+class GenerationOptions:
+    """What :func:`generate` takes (checked by :meth:`check`)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_samples: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    use_cache: bool = True
+
+    def check(self) -> "GenerationOptions":
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [str(s) for s in (self.stop or [])]
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must not be empty")
+        for name in ("max_new_tokens", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}: give a whole number >= 1")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ConfigError(f"top_k={self.top_k!r}: give a whole number >= 1 (or leave it out: no top-k)")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature!r}: give a number >= 0 (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p!r}: give a number in (0, 1] (1 = no nucleus filtering)")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty!r}: give a number > 0 (1 = none)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed={self.seed!r}: give a whole number")
+        return self
+
+
+OPTION_NAMES = tuple(GenerationOptions.__dataclass_fields__)
+
+
+# --- logits processing --------------------------------------------------------------------------
+
+
+def filter_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``logits`` [..., V] with every token outside the ``k`` largest set to -inf (ties at the k-th value kept)."""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most probable tokens, in order, until their probability reaches ``p``.
+
+    A token is kept when the probability of the tokens more likely than it is still below ``p``
+    (so the most likely token is always kept); the others become -inf.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    remove_sorted = before >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: a token seen in ``context`` [B, T] has its logit divided
+    by ``penalty`` when positive, multiplied when negative."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, -1, context)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(-1, context, seen)
+
+
+def next_tokens(logits: torch.Tensor, context: torch.Tensor, opts: GenerationOptions,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token [B] of each row from its last logits [B, V]."""
+    logits = apply_repetition_penalty(logits.float(), context, opts.repetition_penalty)
+    if opts.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_k(logits / opts.temperature, opts.top_k)
+    logits = filter_top_p(logits, opts.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# --- KV caches ----------------------------------------------------------------------------------
+
+
+def supports_cache(model) -> bool:
+    if model.kind == "encoder_decoder":
+        fn = getattr(model, "decode", None)
+    else:
+        fn = model.forward
+    try:
+        return fn is not None and "input_pos" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def kv_cache(model, batch_size: int, max_len: int):
+    """Attach a KV cache to every self-attention layer of ``model``'s decoder (and an encoder-memory cache to
+    every cross-attention layer) for the duration of the block; removed afterwards."""
+    from lmkit.models.layers import CrossAttention, KVCache, MemoryKV, SelfAttention
+
+    root = model.decoder if model.kind == "encoder_decoder" else model
+    param = next(model.parameters())
+    attached = []
+    try:
+        for module in root.modules():
+            if isinstance(module, SelfAttention):
+                hd = module.qkv.out_features // 3 // module.n_head
+                module.kv_cache = KVCache(batch_size, module.n_head, max_len, hd, param.device, param.dtype)
+                attached.append(module)
+            elif isinstance(module, CrossAttention):
+                module.kv_cache = MemoryKV()
+                attached.append(module)
+        yield
+    finally:
+        for module in attached:
+            module.kv_cache = None
+
+
+# --- the decoding loop --------------------------------------------------------------------------
+
+
+class _Stream:
+    """The text of one sample as it grows: what may be shown now, held back while a stop string may begin."""
+
+    def __init__(self, tokenizer, stop: list[str], emit: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.emit = tokenizer, stop, emit
+        self.ids: list[int] = []
+        self.shown = 0
+        self.text = ""
+        self.done = False
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of ``text`` that may still become a stop string or a multi-byte character."""
+        held = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:n]):
+                    held = n
+                    break
+        tail = len(text) - len(text.rstrip("\ufffd"))
+        return max(held, tail)
+
+    def _show(self, upto: int) -> None:
+        if upto > self.shown:
+            if self.emit is not None:
+                self.emit(self.text[self.shown:upto])
+            self.shown = upto
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        if not self.stop and self.emit is None:
+            return
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self._show(len(self.text))
+            self.done = True
+            return
+        self._show(len(self.text) - self._held(self.text))
+
+    def finish(self) -> str:
+        if not self.done:  # no stop string cut it: all of it, held-back characters included
+            self.text = self.tokenizer.decode(self.ids)
+        self._show(len(self.text))
+        self.done = True
+        return self.text
+
+
+def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokenizer=None,
+                 eos_id: int | None = None, decoder_start_id: int | None = None,
+                 stream: Callable[[int, str], None] | None = None, logits_out: list | None = None):
+    """Generate ``opts.num_samples`` continuations of one prompt (token ids).
+
+    Decoders continue ``input_ids``; encoder–decoders encode them and decode from
+    ``decoder_start_id``. Returns ``(ids, texts)``: the new token ids of each sample (the eos that
+    ended one not included) and their texts (stop strings applied; None without a tokenizer).
+    ``stream(sample, text)`` receives each sample's text as it is resolved. ``logits_out``, when
+    given, collects the [B, V] logits of every step (tests).
+    """
+    opts.check()
+    device = next(model.parameters()).device
+    B = opts.num_samples
+    gen = None
+    if opts.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    seq2seq = model.kind == "encoder_decoder"
+    if model.kind not in ("decoder", "encoder_decoder"):
+        raise ConfigError(f"generation needs a decoder or an encoder-decoder; this {getattr(model.cfg, 'name', '')} "
+                          f"model is an {model.kind} (fill-mask is not available)")
+    if not input_ids and not seq2seq:
+        raise ConfigError("the prompt is empty (no tokens): give some text")
+    src = torch.tensor([input_ids] * B, dtype=torch.long, device=device)
+    if seq2seq:
+        if decoder_start_id is None:
+            raise ConfigError("an encoder-decoder needs its decoder start token (decoder_start_id)")
+        context = torch.full((B, 1), decoder_start_id, dtype=torch.long, device=device)
+    else:
+        context = src
+    limit = getattr(model, "max_seq_len", None)
+    needed = context.shape[1] + opts.max_new_tokens - 1  # the last token is never fed back
+    positional = not seq2seq or getattr(model.cfg, "name", "") != "t5"
+    if limit is not None and positional and needed > limit:
+        raise ConfigError(f"the prompt ({context.shape[1]} tokens) and max_new_tokens={opts.max_new_tokens} need "
+                          f"{needed} positions; the model has max_seq_len={limit}: lower max_new_tokens or shorten "
+                          f"the prompt")
+    streams = [_Stream(tokenizer, opts.stop, None if stream is None else (lambda t, i=i: stream(i, t)))
+               for i in range(B)] if tokenizer is not None else None
+    use_cache = opts.use_cache and supports_cache(model)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    new: list[list[int]] = [[] for _ in range(B)]
+
+    with torch.no_grad(), (kv_cache(model, B, needed + 1) if use_cache else _nothing()):
+        memory = model.encode(src) if seq2seq else None
+        pos = 0
+        feed = context
+        for _ in range(opts.max_new_tokens):
+            if use_cache:
+                hidden = (model.decode(feed, memory, input_pos=pos) if seq2seq
+                          else model(feed, input_pos=pos))
+                pos += feed.shape[1]
+            else:
+                hidden = model(src, decoder_input_ids=context) if seq2seq else model(context)
+            logits = model.logits(hidden[:, -1])
+            if logits_out is not None:
+                logits_out.append(logits.float().cpu())
+            tok = next_tokens(logits, context, opts, gen)
+            for i in range(B):
+                if finished[i]:
+                    continue
+                t = int(tok[i])
+                if eos_id is not None and t == eos_id:
+                    finished[i] = True
+                    continue
+                new[i].append(t)
+                if streams is not None:
+                    streams[i].add(t)
+                    if streams[i].done:
+                        finished[i] = True
+            if bool(finished.all()):
+                break
+            if eos_id is not None:
+                tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
+            context = torch.cat([context, tok[:, None]], dim=1)
+            feed = tok[:, None]
+    texts = [s.finish() for s in streams] if streams is not None else None
+    return new, texts
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+# --- text in, text out --------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, kind: str, architecture: str, prompt: str) -> list[int]:
+    """Token ids of a prompt, framed as the model saw text in training.
+
+    Decoders: ``<eos>`` (lmkit's document separator: what precedes every packed document) then the
+    prompt; T5: the prompt then ``<eos>``; BART: ``<bos>`` prompt ``<eos>``.
+    """
+    ids = list(tokenizer.encode(prompt))
+    if kind == "decoder":
+        return [tokenizer.eos_id] + ids
+    if architecture == "bart":
+        return [tokenizer.bos_id] + ids + [tokenizer.eos_id]
+    return ids + [tokenizer.eos_id]
+
+
+def generate(model, tokenizer, prompts, *, decoder_start_id: int | None = None, architecture: str | None = None,
+             stream: Callable[[int, int, str], None] | None = None, **options):
+    """Continue each prompt; returns a list (one per prompt) of ``num_samples`` texts, or that list alone
+    when ``prompts`` is one string.
+
+    ``options``: see :class:`GenerationOptions`. ``stream(prompt_index, sample_index, text)`` receives
+    the text as it is produced. Encoder–decoders need ``decoder_start_id`` (given by
+    :func:`load_for_generation`; by default the id of ``<pad>`` for t5, ``<eos>`` for bart).
+    """
+    unknown = [k for k in options if k not in OPTION_NAMES]
+    if unknown:
+        from lmkit.errors import did_you_mean
+
+        raise ConfigError(f"unknown generation option '{unknown[0]}'.{did_you_mean(unknown[0], OPTION_NAMES)} "
+                          f"Options: {', '.join(OPTION_NAMES)}")
+    opts = GenerationOptions(**options).check()
+    single = isinstance(prompts, str)
+    architecture = architecture or getattr(getattr(model, "cfg", None), "name", "")
+    if model.kind == "encoder_decoder" and decoder_start_id is None:
+        from lmkit.interop.exporter import DEFAULT_DECODER_START
+
+        decoder_start_id = tokenizer.special_id(DEFAULT_DECODER_START.get(architecture, "<pad>"))
+    was_training = model.training
+    model.eval()
+    try:
+        results = []
+        for n, prompt in enumerate([prompts] if single else list(prompts)):
+            ids = encode_prompt(tokenizer, model.kind, architecture, prompt)
+            _, texts = generate_ids(model, ids, opts, tokenizer=tokenizer, eos_id=tokenizer.eos_id,
+                                    decoder_start_id=decoder_start_id,
+                                    stream=None if stream is None else (lambda i, t, n=n: stream(n, i, t)))
+            results.append(texts)
+    finally:
+        model.train(was_training)
+    return results[0] if single else results
+
+
+def load_for_generation(path, device=None, dtype=None):
+    """``(model, tokenizer, info)`` from an lmkit run directory or checkpoint, or a local HF directory.
+
+    ``info`` holds ``architecture`` and ``decoder_start_id`` (encoder–decoders), to pass on to
+    :func:`generate`. The run is read as export reads it (:func:`lmkit.interop.source.read_source`),
+    the HF directory by :func:`lmkit.interop.load_hf`.
+    """
+    from pathlib import Path
+
+    from lmkit.errors import CheckpointError
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"'{path}' does not exist: give a run directory, a checkpoint or a Hugging Face "
+                              f"model directory")
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        from lmkit.interop import load_hf
+
+        loaded = load_hf(p)
+        model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.architecture
+        start = loaded.hf_config.get("decoder_start_token_id")
+    else:
+        from lmkit.interop.exporter import DEFAULT_DECODER_START
+        from lmkit.interop.families import family_of
+        from lmkit.interop.source import read_source
+
+        src = read_source(p)
+        family = family_of(src.architecture)
+        model = family.model_cls(src.config)
+        model.load_state_dict(src.model_state)
+        tokenizer, arch = src.tokenizer, src.architecture
+        start = None
+        if arch in DEFAULT_DECODER_START:
+            start = tokenizer.special_id(src.objective.get("decoder_start_token") or DEFAULT_DECODER_START[arch])
+    if model.kind not in ("decoder", "encoder_decoder"):
+        raise ConfigError(f"'{path}' holds a {arch} model, an encoder: it cannot generate text (fill-mask is not "
+                          f"available); generate needs a decoder (gpt) or an encoder-decoder (t5, bart)")
+    if tokenizer is None:
+        raise ConfigError(f"'{path}' has no tokenizer lmkit can read")
+    model.to(device=device or "cpu", dtype=dtype).eval()
+    return model, tokenizer, {"architecture": arch, "decoder_start_id": start}
