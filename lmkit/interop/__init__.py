@@ -21,6 +21,9 @@ t5       T5ForConditionalGeneration                   tied head (d_model**-0.5 s
                                                       relu or gated-gelu FFN
 bart     BartForConditionalGeneration                 positions offset by 2 rows; zero
                                                       final_logits_bias; layer_norm_eps 1e-5 only
+llama    LlamaForCausalLM                             q/k/v/o and gate/up/down as they are (HF's
+                                                      half-split RoPE: no permute); GQA; tied or
+                                                      untied head; rope_scaling refused on import
 ======== ============================================ ============================================
 
 A model with mixture-of-experts layers (lmkit-moe) is refused: these classes hold one dense

@@ -6,7 +6,7 @@ import importlib
 from lmkit.errors import ConfigError
 
 #: lmkit architecture -> module of lmkit.interop holding its FAMILY
-MODULES = {"gpt": "gpt", "bert": "bert", "albert": "albert", "t5": "t5", "bart": "bart"}
+MODULES = {"gpt": "gpt", "bert": "bert", "albert": "albert", "t5": "t5", "bart": "bart", "llama": "llama"}
 
 
 def family_of(architecture: str):
