@@ -168,12 +168,15 @@ class GroupedExperts(nn.Module):
     """``num_experts`` two-layer FFNs stored as stacked weights, run on expert-sorted rows.
 
     Parameters follow ``nn.Linear`` layout: ``fc_weight`` [E, d_ff, d_model],
-    ``proj_weight`` [E, d_model, d_ff] (+ ``fc_bias``/``proj_bias``). Under expert
-    parallelism a rank holds only its slice of experts (``first_expert`` onwards).
+    ``proj_weight`` [E, d_model, d_ff] (+ ``fc_bias``/``proj_bias``). ``gated=True`` adds
+    ``gate_weight`` [E, d_ff, d_model] (+ ``gate_bias``) and computes
+    ``proj(act(gate(x)) * fc(x))``, the GLU form of :class:`~lmkit.models.layers.GatedMLP`
+    (Llama's SwiGLU). Under expert parallelism a rank holds only its slice of experts
+    (``first_expert`` onwards).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: nn.Module | None = None,
-                 bias: bool = True, dispatch: str = "auto"):
+                 bias: bool = True, dispatch: str = "auto", gated: bool = False):
         super().__init__()
         self.num_experts = num_experts  # experts held by this module (local ones under EP)
         self.total_experts = num_experts
@@ -186,18 +189,23 @@ class GroupedExperts(nn.Module):
         self.proj_weight = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.fc_bias = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
         self.proj_bias = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.gated = gated
+        self.gate_weight = nn.Parameter(torch.empty(num_experts, d_ff, d_model)) if gated else None
+        self.gate_bias = nn.Parameter(torch.zeros(num_experts, d_ff)) if gated and bias else None
         self.reset_parameters()
 
     def reset_parameters(self, fc_std: float = 0.02, proj_std: float = 0.02) -> None:
         nn.init.normal_(self.fc_weight, std=fc_std)
         nn.init.normal_(self.proj_weight, std=proj_std)
-        for b in (self.fc_bias, self.proj_bias):
+        if self.gate_weight is not None:
+            nn.init.normal_(self.gate_weight, std=fc_std)
+        for b in (self.fc_bias, self.proj_bias, self.gate_bias):
             if b is not None:
                 nn.init.zeros_(b)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}/{self.total_experts} (first={self.first_expert}), "
-                f"d_model={self.d_model}, d_ff={self.d_ff}, dispatch={self.dispatch}")
+                f"d_model={self.d_model}, d_ff={self.d_ff}, dispatch={self.dispatch}" + (", gated" if self.gated else ""))
 
     def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         """``dispatch="auto"``: grouped GEMM on CUDA where the probe passes and rows are
@@ -212,7 +220,7 @@ class GroupedExperts(nn.Module):
         return grouped_mm_supported(device.type, device.index, dtype)
 
     def _params(self, dtype: torch.dtype):
-        params = [self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias]
+        params = [self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias, self.gate_weight, self.gate_bias]
         out = []
         for p in params:
             if p is None:
@@ -227,7 +235,7 @@ class GroupedExperts(nn.Module):
         """``x`` [M, D] rows grouped by expert (expert 0's rows first); ``counts`` [E] rows per expert."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x = x.to(dtype)
-        w1, b1, w2, b2 = self._params(dtype)
+        w1, b1, w2, b2, wg, bg = self._params(dtype)
         m = x.shape[0]
         counts = counts.to(device=x.device, dtype=torch.long)
         expert_of_row = torch.repeat_interleave(
@@ -237,7 +245,11 @@ class GroupedExperts(nn.Module):
             h = _grouped_mm(x, w1.transpose(-2, -1), offs)
             if b1 is not None:
                 h = h + b1[expert_of_row]
-            h = self.act(h)
+            if wg is None:
+                h = self.act(h)
+            else:
+                g = _grouped_mm(x, wg.transpose(-2, -1), offs)
+                h = self.act(g if bg is None else g + bg[expert_of_row]) * h
             y = _grouped_mm(h, w2.transpose(-2, -1), offs)
             if b2 is not None:
                 y = y + b2[expert_of_row]
@@ -251,7 +263,11 @@ class GroupedExperts(nn.Module):
         h = torch.bmm(buf, w1.transpose(1, 2))
         if b1 is not None:
             h = h + b1[:, None, :]
-        h = self.act(h)
+        if wg is None:
+            h = self.act(h)
+        else:
+            g = torch.bmm(buf, wg.transpose(1, 2))
+            h = self.act(g if bg is None else g + bg[:, None, :]) * h
         y = torch.bmm(h, w2.transpose(1, 2))
         if b2 is not None:
             y = y + b2[:, None, :]
@@ -320,6 +336,7 @@ class MoELayer(nn.Module):
         dropout: float = 0.0,
         dispatch: str = "auto",
         router_init_std: float = 0.02,
+        gated: bool = False,
     ):
         super().__init__()
         validate_moe_args(num_experts, top_k, capacity_factor, eval_capacity_factor, jitter, dispatch)
@@ -328,7 +345,7 @@ class MoELayer(nn.Module):
         self.dropless = dropless
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.router = Router(d_model, num_experts, jitter, router_init_std)
-        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, bias, dispatch)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, bias, dispatch, gated)
         self.drop = nn.Dropout(dropout)
         # Expert parallelism (set by lmkit_moe.parallel.apply_expert_parallel).
         self.ep_group = None
@@ -344,7 +361,9 @@ class MoELayer(nn.Module):
 
         Takes d_model, d_ff, bias, activation and dropout from ``mlp``; experts are drawn
         with the standard deviations of the dense weights, so the architecture's init
-        scheme (e.g. GPT-2's scaled residual projection) carries over.
+        scheme (e.g. GPT-2's scaled residual projection) carries over. A gated MLP (a ``gate``
+        Linear besides ``fc``: :class:`~lmkit.models.layers.GatedMLP`, Llama's SwiGLU) gives
+        gated experts.
         """
         fc, proj = getattr(mlp, "fc", None), getattr(mlp, "proj", None)
         if not isinstance(fc, nn.Linear):
@@ -354,6 +373,7 @@ class MoELayer(nn.Module):
         act = getattr(mlp, "act", None)
         kwargs.setdefault("activation", copy.deepcopy(act) if isinstance(act, nn.Module) else None)
         kwargs.setdefault("bias", fc.bias is not None)
+        kwargs.setdefault("gated", isinstance(getattr(mlp, "gate", None), nn.Linear))
         drop = getattr(mlp, "drop", None)
         kwargs.setdefault("dropout", drop.p if isinstance(drop, nn.Dropout) else 0.0)
         layer = cls(fc.in_features, fc.out_features, num_experts, **kwargs)

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmkit_moe.layer import GroupedExperts, MoEConfigError, MoELayer, moe_layers
 
-EXPERT_PARAM_NAMES = ("fc_weight", "fc_bias", "proj_weight", "proj_bias")
+EXPERT_PARAM_NAMES = ("fc_weight", "fc_bias", "proj_weight", "proj_bias", "gate_weight", "gate_bias")
 
 
 class AllToAllSingle(torch.autograd.Function):
