@@ -21,6 +21,7 @@ Python API::
 from __future__ import annotations
 
 import inspect
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -296,13 +297,46 @@ def _nothing():
 # --- text in, text out --------------------------------------------------------------------------
 
 
+_MARKS = re.compile(r"(<extra_id_\d+>|\[MASK\]|<mask>)")
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode`` with span marks written in the text turned into their ids: ``<extra_id_N>`` (T5
+    sentinels, where the tokenizer has them) and ``[MASK]`` / ``<mask>`` (BART's mask)."""
+    ids: list[int] = []
+    for part in _MARKS.split(text):
+        if not part:
+            continue
+        if part in ("[MASK]", "<mask>"):
+            ids.append(tokenizer.mask_id)
+        elif part.startswith("<extra_id_") and int(part[10:-1]) < tokenizer.num_sentinels:
+            ids.append(tokenizer.sentinel_id(int(part[10:-1])))
+        else:
+            ids.extend(tokenizer.encode(part))
+    return ids
+
+
+def span_fills(tokenizer, ids) -> dict[str, str]:
+    """T5 span infilling: the text the output ``ids`` give each sentinel, ``{"<extra_id_0>": "...", ...}``."""
+    sentinels = {tokenizer.sentinel_id(i): f"<extra_id_{i}>" for i in range(tokenizer.num_sentinels)}
+    fills: dict[str, list[int]] = {}
+    current = None
+    for t in (int(x) for x in ids):
+        if t in sentinels:
+            current = sentinels[t]
+            fills[current] = []
+        elif current is not None:
+            fills[current].append(t)
+    return {k: tokenizer.decode(v) for k, v in fills.items()}
+
+
 def encode_prompt(tokenizer, kind: str, architecture: str, prompt: str) -> list[int]:
-    """Token ids of a prompt, framed as the model saw text in training.
+    """Token ids of a prompt, framed as the model saw text in training (span marks: :func:`encode_text`).
 
     Decoders: ``<eos>`` (lmkit's document separator: what precedes every packed document) then the
     prompt; T5: the prompt then ``<eos>``; BART: ``<bos>`` prompt ``<eos>``.
     """
-    ids = list(tokenizer.encode(prompt))
+    ids = encode_text(tokenizer, prompt)
     if kind == "decoder":
         return [tokenizer.eos_id] + ids
     if architecture == "bart":

@@ -285,3 +285,18 @@ def test_generate_verb_on_an_exported_encoder_decoder(family, tmp_path, capsys):
     expected, _ = generate_ids(model, ids, GenerationOptions(max_new_tokens=6, temperature=0), eos_id=TOK.eos_id,
                                decoder_start_id=START[family])
     assert out == TOK.decode(expected[0]) + "\n"
+
+
+def test_span_marks_in_a_prompt_become_sentinels_and_fills_are_listed():
+    from lmkit.generation import encode_prompt, span_fills
+
+    ids = encode_prompt(TOK, "encoder_decoder", "t5", "The <extra_id_0> walks in <extra_id_1> park")
+    assert ids == [*b"The ", TOK.sentinel_id(0), *b" walks in ", TOK.sentinel_id(1), *b" park", TOK.eos_id]
+    assert encode_prompt(TOK, "encoder_decoder", "bart", "a <mask> b") == [TOK.bos_id, *b"a ", TOK.mask_id, *b" b",
+                                                                         TOK.eos_id]
+    out = [TOK.sentinel_id(0), *b"cute dog", TOK.sentinel_id(1), *b"the", TOK.sentinel_id(2)]
+    assert span_fills(TOK, out) == {"<extra_id_0>": "cute dog", "<extra_id_1>": "the", "<extra_id_2>": ""}
+    # an exported T5 decodes such a prompt (the encoder sees the sentinel ids)
+    model = _perturbed(MODELS["t5"]())
+    texts = generate(model, TOK, "The <extra_id_0> walks", max_new_tokens=5, temperature=0)
+    assert isinstance(texts[0], str)
