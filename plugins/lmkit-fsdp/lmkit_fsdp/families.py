@@ -8,7 +8,8 @@ code stays plain: the plan swaps or annotates sub-modules from outside, torchtit
 Built in: :class:`SelfAttentionMLPPlan` for blocks whose ``.attn`` is lmkit's
 :class:`~lmkit.models.layers.SelfAttention` (fused ``qkv``) and whose ``.mlp`` is
 :class:`~lmkit.models.layers.MLP`, without cross-attention: the GPT decoder block (and
-structurally identical pre/post-LN encoder blocks). Other families (T5's relative-bias
+structurally identical pre/post-LN encoder blocks); :class:`LlamaPlan` for llama blocks
+(grouped-query attention, gated MLP). Other families (T5's relative-bias
 attention and gated MLP, encoder–decoder blocks with cross-attention) are added by
 registering a plan with :func:`register_plan`; until then :func:`plan_for` raises a
 :class:`~lmkit.errors.ConfigError` naming the architecture and the block it cannot split.
@@ -209,3 +210,51 @@ class SelfAttentionMLPPlan:
 
 
 register_plan(SelfAttentionMLPPlan())
+
+
+# --- the Llama family ---------------------------------------------------------------------
+
+
+class LlamaPlan:
+    """Blocks with lmkit's llama attention (separate ``q``/``k``/``v``, grouped-query) and gated MLP.
+
+    ``attn.q``/``attn.k``/``attn.v`` column-parallel (each rank gets ``n_head / tp`` query heads
+    and the ``n_kv_head / tp`` key/value heads they read: query head ``h`` uses kv head
+    ``h // (n_head / n_kv_head)``, so contiguous slices of both stay together), ``attn.proj``
+    row-parallel; ``mlp.gate``/``mlp.fc`` column-parallel, ``mlp.proj`` row-parallel. Rotary
+    positions and RMSNorms act per head / on the replicated hidden state. No parameter is
+    renamed, so checkpoints need no fusion.
+    """
+
+    name = "llama"
+    description = ("blocks with a grouped-query attention (q, k, v, proj) as .attn and a gated MLP "
+                   "(gate, fc, proj) as .mlp (llama)")
+
+    def matches(self, block: nn.Module) -> bool:
+        from lmkit.models.layers import GatedMLP
+        from lmkit.models.llama import GroupedQueryAttention
+
+        return (type(getattr(block, "attn", None)) is GroupedQueryAttention
+                and type(getattr(block, "mlp", None)) is GatedMLP and getattr(block, "cross_attn", None) is None)
+
+    def check(self, block: nn.Module, tp: int) -> list[str]:
+        problems = []
+        attn = block.attn
+        for what, n in (("n_head", attn.n_head), ("n_kv_head", attn.n_kv_head),
+                        ("the MLP width d_ff", block.mlp.fc.out_features)):
+            if n % tp:
+                problems.append(f"{what}={n} is not divisible by {tp}")
+        return problems
+
+    def parallelize_block(self, block: nn.Module, tp_mesh) -> list[Fusion]:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(block, tp_mesh, {
+            "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(),
+            "mlp.gate": ColwiseParallel(), "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(),
+        })
+        return []
+
+
+register_plan(LlamaPlan())
