@@ -207,7 +207,9 @@ def test_loss_falls(tmp_path):
     assert summary["end"]["val/loss"] < math.log(V) - 1.0
 
 
-def test_compiled_model_gives_eager_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("objective, extra", [("causal_lm", []), ("prefix_lm", []),
+                                              ("causal_lm", ["objective.document_mask=true"])])
+def test_compiled_model_gives_eager_loss_and_gradients(objective, extra, tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "objectives"))
@@ -215,8 +217,8 @@ def test_compiled_model_gives_eager_loss_and_gradients(tmp_path):
 
     from lmkit.api import build
 
-    built = build(["+objective=causal_lm", "model=llama_tiny", *RUN, "model.n_kv_head=1", "model.d_ff=96",
-                   "model.compile=true"], tmp_path)
+    built = build([f"+objective={objective}", "model=llama_tiny", *RUN, "model.n_kv_head=1", "model.d_ff=96",
+                   "model.compile=true", *extra], tmp_path)
     module, dm = built.module, built.datamodule
     assert module.model._compiled_call_impl is not None
     dm.setup("fit")
