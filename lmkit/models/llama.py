@@ -16,7 +16,7 @@ from torch import nn
 
 from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
-from lmkit.models.layers import GatedMLP, apply_documents, build_attention_bias
+from lmkit.models.layers import GatedMLP, apply_documents, build_attention_bias, causal_mask_at
 
 
 def llama_ffn_size(d_model: int, multiple_of: int = 256, multiplier: float | None = None) -> int:
@@ -115,7 +115,9 @@ class GroupedQueryAttention(nn.Module):
 
     Keys and values are repeated to the query heads (``repeat_interleave``: head ``h`` reads
     kv head ``h // (n_head / n_kv_head)``, as HF's ``repeat_kv``) and go through
-    ``F.scaled_dot_product_attention``.
+    ``F.scaled_dot_product_attention``. ``kv_cache`` (generation only, None in training): a
+    :class:`~lmkit.models.layers.KVCache` of ``n_kv_head`` heads that ``input_pos`` calls write
+    the rotated keys and values to (before the repeat, so GQA keeps its smaller cache).
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, dropout: float = 0.0):
@@ -127,14 +129,17 @@ class GroupedQueryAttention(nn.Module):
         self.v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
         self.dropout = dropout
+        self.kv_cache = None
 
-    def forward(self, x, cos, sin, mask=None, is_causal=True):
+    def forward(self, x, cos, sin, mask=None, is_causal=True, input_pos=None):
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.q(x).view(B, T, -1, hd).transpose(1, 2)
         k = self.k(x).view(B, T, -1, hd).transpose(1, 2)
         v = self.v(x).view(B, T, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None and self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
         rep = q.shape[1] // k.shape[1]  # local head counts (tensor parallelism splits both alike)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -153,8 +158,8 @@ class LlamaBlock(nn.Module):
         self.ln_2 = nn.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.d_model, cfg.ffn_size, "silu", cfg.dropout, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, is_causal=True):
-        x = x + self.attn(self.ln_1(x), cos, sin, mask=mask, is_causal=is_causal)
+    def forward(self, x, cos, sin, mask=None, is_causal=True, input_pos=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, mask=mask, is_causal=is_causal, input_pos=input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -194,6 +199,24 @@ class Llama(nn.Module):
         mask, is_causal = build_attention_bias(padding_mask, attn_mask, True, T, T, input_ids.device)
         for block in self.blocks:
             x = block(x, cos, sin, mask=mask, is_causal=is_causal)
+        return self.ln_f(x)
+
+    def forward_cached(self, input_ids, input_pos: int):
+        """Hidden states of ``input_ids`` [B, T], the tokens at positions ``input_pos..``, with every block's
+        ``attn.kv_cache`` set (a :class:`~lmkit.models.layers.KVCache` of ``n_kv_head`` heads): their keys and
+        values join the cache and the queries attend to all cached positions (generation)."""
+        T = input_ids.shape[1]
+        if input_pos + T > self.max_seq_len:
+            raise ValueError(f"position {input_pos + T - 1} is beyond the model's max_seq_len={self.max_seq_len}")
+        if any(block.attn.kv_cache is None for block in self.blocks):
+            raise ValueError("forward_cached needs a kv_cache on every attention layer (lmkit.models.layers.KVCache "
+                             "with n_kv_head heads)")
+        pos = torch.arange(input_pos, input_pos + T, device=input_ids.device)[None]
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta)
+        x = self.wte(input_ids)
+        mask = None if T == 1 else causal_mask_at(input_pos, T, input_ids.device)  # one new token sees all keys
+        for block in self.blocks:
+            x = block(x, cos, sin, mask=mask, is_causal=False, input_pos=input_pos)
         return self.ln_f(x)
 
     def output_embedding(self) -> torch.Tensor:

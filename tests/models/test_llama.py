@@ -243,3 +243,23 @@ def test_compiled_model_gives_eager_loss_and_gradients(objective, extra, tmp_pat
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cached_decoding_equals_the_full_forward():
+    """forward_cached with a KV cache of n_kv_head heads per layer: prefill, then one token at a time."""
+    from lmkit.models.layers import KVCache
+
+    model = _model(n_kv_head=2)
+    ids = _ids(B=2, T=24)
+    for block in model.blocks:
+        block.attn.kv_cache = KVCache(2, 2, 32, model.head_dim)
+    with torch.no_grad():
+        full = model.logits(model(ids))
+        steps = [model.logits(model.forward_cached(ids[:, :10], 0))]
+        steps += [model.logits(model.forward_cached(ids[:, t:t + 1], t)) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert model.blocks[0].attn.kv_cache.k.shape == (2, 2, 32, 8)  # GQA: the cache holds the kv heads only
+    for block in model.blocks:
+        block.attn.kv_cache = None
+    with pytest.raises(ValueError, match="kv_cache"):
+        model.forward_cached(ids[:, :1], 0)
