@@ -83,9 +83,15 @@ def test_plain_interpreter_exit_aborts_in_the_same_state():
     assert out.returncode == -signal.SIGABRT, (out.returncode, out.stderr[-2000:])
 
 
-def test_exit_cli_without_distributed_is_sys_exit():
+def test_exit_cli_without_distributed_is_sys_exit(monkeypatch):
+    import torch.distributed as dist
+
+    from lmkit import process_exit
     from lmkit.process_exit import exit_cli
 
+    assert not dist.is_initialized()
+    # a process that never had a process group (earlier in-process tests may have run distributed)
+    monkeypatch.setattr(process_exit, "_used_process_group", False)
     with pytest.raises(SystemExit) as e:
         exit_cli(4)
     assert e.value.code == 4
