@@ -1,10 +1,11 @@
 """Text generation from an lmkit model: a KV cache, sampling, stop strings, streaming.
 
-Decoders (gpt) prefill the prompt into a per-layer KV cache, then feed one token at a time;
-encoder–decoders (t5, bart) run the encoder once, cache the cross-attention keys/values of its
-output once, and decode with a self-attention KV cache from the decoder start token (the
-one the model was trained with). Architectures whose ``forward`` takes no ``input_pos`` are
-decoded without a cache (the whole context rerun each step).
+Decoders (gpt; llama through its ``forward_cached``) prefill the prompt into a per-layer KV
+cache, then feed one token at a time; encoder–decoders (t5, bart) run the encoder once, cache
+the cross-attention keys/values of its output once, and decode with a self-attention KV cache
+from the decoder start token (the one the model was trained with). Architectures with neither
+``forward(..., input_pos=)`` nor ``forward_cached`` are decoded without a cache (the whole
+context rerun each step).
 
 Each step: repetition penalty (over the context, as transformers does), then greedy
 (``temperature=0``) or temperature -> top-k -> top-p -> a sample drawn with a
@@ -123,6 +124,8 @@ def next_tokens(logits: torch.Tensor, context: torch.Tensor, opts: GenerationOpt
 
 
 def supports_cache(model) -> bool:
+    if callable(getattr(model, "forward_cached", None)):  # llama
+        return True
     if model.kind == "encoder_decoder":
         fn = getattr(model, "decode", None)
     else:
@@ -150,6 +153,12 @@ def kv_cache(model, batch_size: int, max_len: int):
                 attached.append(module)
             elif isinstance(module, CrossAttention):
                 module.kv_cache = MemoryKV()
+                attached.append(module)
+            elif hasattr(module, "kv_cache") and hasattr(module, "head_dim") and hasattr(module, "k"):
+                # grouped-query attention (llama): the cache holds the n_kv_head heads, before their repeat
+                hd = module.head_dim
+                module.kv_cache = KVCache(batch_size, module.k.out_features // hd, max_len, hd, param.device,
+                                          param.dtype)
                 attached.append(module)
         yield
     finally:
@@ -258,8 +267,12 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
         feed = context
         for _ in range(opts.max_new_tokens):
             if use_cache:
-                hidden = (model.decode(feed, memory, input_pos=pos) if seq2seq
-                          else model(feed, input_pos=pos))
+                if seq2seq:
+                    hidden = model.decode(feed, memory, input_pos=pos)
+                elif callable(getattr(model, "forward_cached", None)):
+                    hidden = model.forward_cached(feed, pos)
+                else:
+                    hidden = model(feed, input_pos=pos)
                 pos += feed.shape[1]
             else:
                 hidden = model(src, decoder_input_ids=context) if seq2seq else model(context)

@@ -17,9 +17,11 @@ from lmkit.generation import (
     generate,
     generate_ids,
     next_tokens,
+    supports_cache,
 )
 from lmkit.models.bart import BART, BARTConfig
 from lmkit.models.gpt import GPT, GPTConfig
+from lmkit.models.llama import Llama, LlamaConfig
 from lmkit.models.t5 import T5, T5Config
 from lmkit.tokenizers.byte import ByteTokenizer
 
@@ -47,8 +49,9 @@ MODELS = {
     "t5_gated_untied": lambda: T5(T5Config(**SMALL, ffn="gated-gelu", tie_embeddings=False, num_buckets=8,
                                            max_distance=16)),
     "bart": lambda: BART(BARTConfig(**SMALL, max_seq_len=96)),
+    "llama_gqa": lambda: Llama(LlamaConfig(**SMALL, n_kv_head=1, max_seq_len=96)),
 }
-START = {"gpt": None, "t5": TOK.pad_id, "bart": TOK.eos_id}
+START = {"gpt": None, "t5": TOK.pad_id, "bart": TOK.eos_id, "llama": None}
 
 
 def _start(case):
@@ -62,6 +65,7 @@ PROMPT = list(b"ROMEO: what light through yonder")
 def test_cached_decoding_equals_rerunning_the_full_context(case):
     torch.manual_seed(0)
     model = _perturbed(MODELS[case]()).double()  # fp64: rounding noise far below the tolerance, a bug far above
+    assert supports_cache(model)
     cached, uncached = [], []
     opts = dict(max_new_tokens=60, temperature=0)
     a, _ = generate_ids(model, PROMPT, GenerationOptions(**opts), decoder_start_id=_start(case), logits_out=cached)
@@ -87,7 +91,8 @@ def test_training_forward_is_untouched_by_a_finished_generation():
     assert torch.equal(before, model(ids))
 
 
-HF_CLASS = {"gpt": "GPT2LMHeadModel", "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration"}
+HF_CLASS = {"gpt": "GPT2LMHeadModel", "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration",
+            "llama": "LlamaForCausalLM"}
 
 
 @pytest.mark.parametrize("case", list(MODELS))
@@ -111,13 +116,13 @@ def test_greedy_output_equals_transformers_generate_on_the_export(case, tmp_path
         # transformers 5.25 sizes T5's generation cache by the encoder's layer count (IndexError in cache_utils
         # with more decoder layers): its uncached generate gives the same tokens
         kwargs["use_cache"] = False
-    if family != "gpt":
+    if model.kind == "encoder_decoder":
         kwargs["decoder_start_token_id"] = _start(case)
         assert hf.config.decoder_start_token_id == _start(case)  # what the export writes
     with torch.no_grad():
         out = hf.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
                           **kwargs)[0].tolist()
-    theirs = out[len(PROMPT):] if family == "gpt" else out[1:]
+    theirs = out[len(PROMPT):] if model.kind == "decoder" else out[1:]
     if TOK.eos_id in theirs:
         theirs = theirs[:theirs.index(TOK.eos_id)]
     assert ours[0] == theirs
