@@ -430,7 +430,7 @@ def load_for_generation(path, device=None, dtype=None):
             start = tokenizer.special_id(src.objective.get("decoder_start_token") or DEFAULT_DECODER_START[arch])
     if model.kind not in ("decoder", "encoder_decoder"):
         raise ConfigError(f"'{path}' holds a {arch} model, an encoder: it cannot generate text (fill-mask is not "
-                          f"available); generate needs a decoder (gpt) or an encoder-decoder (t5, bart)")
+                          f"available); generate needs a decoder (gpt, llama) or an encoder-decoder (t5, bart)")
     if tokenizer is None:
         raise ConfigError(f"'{path}' has no tokenizer lmkit can read")
     model.to(device=device or "cpu", dtype=dtype).eval()

@@ -1,8 +1,8 @@
 """``python -m lmkit generate MODEL prompt="..." [OPTION=VALUE ...]``: text from a trained model, streamed.
 
 MODEL is an lmkit run directory (its newest checkpoint), a checkpoint inside one, or a local
-Hugging Face model directory (gpt2, t5, bart; e.g. one written by ``lmkit export``).
-Decoders (gpt) continue the prompt; encoder-decoders (t5, bart) encode it and decode from
+Hugging Face model directory (gpt2, llama, t5, bart; e.g. one written by ``lmkit export``).
+Decoders (gpt, llama) continue the prompt; encoder-decoders (t5, bart) encode it and decode from
 the start token the model was trained with (T5 span infilling: put ``<extra_id_0>``... in
 the prompt). The text is printed as it is produced.
 
