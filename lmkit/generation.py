@@ -238,7 +238,7 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
     seq2seq = model.kind == "encoder_decoder"
     if model.kind not in ("decoder", "encoder_decoder"):
         raise ConfigError(f"generation needs a decoder or an encoder-decoder; this {getattr(model.cfg, 'name', '')} "
-                          f"model is an {model.kind} (fill-mask is not available)")
+                          f"model is an {model.kind} (encoders fill masks: lmkit.generation.fill_mask)")
     if not input_ids and not seq2seq:
         raise ConfigError("the prompt is empty (no tokens): give some text")
     src = torch.tensor([input_ids] * B, dtype=torch.long, device=device)
@@ -394,11 +394,38 @@ def generate(model, tokenizer, prompts, *, decoder_start_id: int | None = None, 
     return results[0] if single else results
 
 
-def load_for_generation(path, device=None, dtype=None):
+def fill_mask(model, tokenizer, prompt: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Encoders (bert, albert): the ``top_k`` most likely tokens, as ``(text, probability)``, at each
+    ``[MASK]`` of ``prompt``, left to right. The prompt is framed as in MLM training: ``[CLS] prompt [SEP]``.
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r}: fill-mask needs a whole number >= 1")
+    ids = [tokenizer.special_id("[CLS]")] + encode_text(tokenizer, prompt) + [tokenizer.special_id("[SEP]")]
+    where = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
+    if not where:
+        raise ConfigError("fill-mask needs [MASK] in the prompt (e.g. prompt=\"To be or [MASK] to be\")")
+    max_len = getattr(model, "max_seq_len", None)
+    if max_len is not None and len(ids) > max_len:
+        raise ConfigError(f"the prompt is {len(ids)} tokens with [CLS] and [SEP]; the model takes at most {max_len}")
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden = model(x, token_type_ids=torch.zeros_like(x))
+            probs = model.logits(hidden[0, where]).float().softmax(-1)
+    finally:
+        model.train(was_training)
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [[(tokenizer.decode([int(t)]), float(p)) for p, t in zip(ps, ts)] for ps, ts in zip(top.values, top.indices)]
+
+
+def load_for_generation(path, device=None, dtype=None, allow_encoders: bool = False):
     """``(model, tokenizer, info)`` from an lmkit run directory or checkpoint, or a local HF directory.
 
     ``info`` holds ``architecture`` and ``decoder_start_id`` (encoder–decoders), to pass on to
-    :func:`generate`. The run is read as export reads it (:func:`lmkit.interop.source.read_source`),
+    :func:`generate`. Encoders are refused unless ``allow_encoders`` (for :func:`fill_mask`). The run is read as export reads it (:func:`lmkit.interop.source.read_source`),
     the HF directory by :func:`lmkit.interop.load_hf`.
     """
     from pathlib import Path
@@ -428,9 +455,9 @@ def load_for_generation(path, device=None, dtype=None):
         start = None
         if arch in DEFAULT_DECODER_START:
             start = tokenizer.special_id(src.objective.get("decoder_start_token") or DEFAULT_DECODER_START[arch])
-    if model.kind not in ("decoder", "encoder_decoder"):
-        raise ConfigError(f"'{path}' holds a {arch} model, an encoder: it cannot generate text (fill-mask is not "
-                          f"available); generate needs a decoder (gpt, llama) or an encoder-decoder (t5, bart)")
+    if model.kind not in ("decoder", "encoder_decoder") and not (allow_encoders and model.kind == "encoder"):
+        raise ConfigError(f"'{path}' holds a {arch} model, an encoder: it cannot generate text; generate needs a "
+                          f"decoder (gpt, llama) or an encoder-decoder (t5, bart), or fill_mask for an encoder")
     if tokenizer is None:
         raise ConfigError(f"'{path}' has no tokenizer lmkit can read")
     model.to(device=device or "cpu", dtype=dtype).eval()

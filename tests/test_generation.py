@@ -271,7 +271,9 @@ def test_generate_verb_refuses_bad_arguments_in_one_line(run_dir, tmp_path, caps
     _one_error(capsys, ["generate", run, "prompt=x", "max_new_tokens=1000"], "max_seq_len=64")
     _one_error(capsys, ["generate", str(tmp_path / "missing"), "prompt=x"], "does not exist")
     export_model(BERT(BERTConfig(**SMALL, max_seq_len=64)), TOK, tmp_path / "bert")
-    _one_error(capsys, ["generate", str(tmp_path / "bert"), "prompt=x"], "encoder")
+    _one_error(capsys, ["generate", str(tmp_path / "bert"), "prompt=x"], "fill-mask needs [MASK] in the prompt")
+    _one_error(capsys, ["generate", str(tmp_path / "bert"), "prompt=a [MASK]", "temperature=1"],
+               "temperature do not apply")
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -305,3 +307,43 @@ def test_span_marks_in_a_prompt_become_sentinels_and_fills_are_listed():
     model = _perturbed(MODELS["t5"]())
     texts = generate(model, TOK, "The <extra_id_0> walks", max_new_tokens=5, temperature=0)
     assert isinstance(texts[0], str)
+
+
+def test_fill_mask_equals_transformers_masked_lm(tmp_path, capsys):
+    """An encoder fills each [MASK] with its top-k tokens: the probabilities of BertForMaskedLM on the export."""
+    import lmkit.cli
+    from lmkit.generation import fill_mask
+    from lmkit.interop.exporter import export_model
+    from lmkit.models.bert import BERT, BERTConfig
+
+    transformers = pytest.importorskip("transformers")
+    model = _perturbed(BERT(BERTConfig(**SMALL, max_seq_len=64))).eval()
+    export_model(model, TOK, tmp_path / "bert")
+    prompt = "to be [MASK] not to [MASK]"
+    ours = fill_mask(model, TOK, prompt, top_k=4)
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "bert").eval()
+    ids = [TOK.special_id("[CLS]"), *b"to be ", TOK.mask_id, *b" not to ", TOK.mask_id, TOK.special_id("[SEP]")]
+    with torch.no_grad():
+        probs = hf(torch.tensor([ids])).logits[0].softmax(-1)
+    for candidates, position in zip(ours, [i for i, t in enumerate(ids) if t == TOK.mask_id]):
+        top = probs[position].topk(4)
+        assert [text for text, _ in candidates] == [TOK.decode([int(t)]) for t in top.indices]
+        assert [p for _, p in candidates] == pytest.approx(top.values.tolist(), abs=1e-5)
+    capsys.readouterr()
+    assert lmkit.cli.main(["generate", str(tmp_path / "bert"), f"prompt={prompt}", "top_k=4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[MASK] 1: ") and lines[1].startswith("[MASK] 2: ")
+    assert f"{ours[0][0][0]!r} {ours[0][0][1]:.3f}" in lines[0]
+
+
+def test_t5_fills_are_listed_after_the_text():
+    import io
+
+    from lmkit.commands.generate import _write_fills
+
+    out = io.StringIO()
+    text = TOK.decode([TOK.sentinel_id(0), *b"quick", TOK.sentinel_id(1), *b"the"])
+    _write_fills(None, TOK, {"architecture": "t5"}, "The <extra_id_0> fox, <extra_id_1> dog", text, out)
+    assert out.getvalue() == "<extra_id_0>: quick\n<extra_id_1>: the\n"
+    _write_fills(None, TOK, {"architecture": "bart"}, "a <mask> b", text, out)  # BART prints its text only
+    assert out.getvalue().count("\n") == 2

@@ -4,7 +4,9 @@ MODEL is an lmkit run directory (its newest checkpoint), a checkpoint inside one
 Hugging Face model directory (gpt2, llama, t5, bart; e.g. one written by ``lmkit export``).
 Decoders (gpt, llama) continue the prompt; encoder-decoders (t5, bart) encode it and decode from
 the start token the model was trained with (T5 span infilling: put ``<extra_id_0>``... in
-the prompt). The text is printed as it is produced.
+the prompt; the fill of each sentinel is listed after the text). The text is printed as it is
+produced. Encoders (bert, albert) fill masks: each ``[MASK]`` of the prompt gets its top_k
+tokens with their probabilities (options: prompt, prompts_file, top_k, device).
 
 Options (OPTION=VALUE):
   prompt=TEXT             the prompt (or prompts_file=PATH: one prompt per line)
@@ -118,9 +120,11 @@ def main(argv: list[str]) -> int:
     prompts = _prompts(options)
     device = _device(options.pop("device", None))
     GenerationOptions(**options).check()  # bad values fail before the model is read
-    model, tokenizer, info = load_for_generation(model_path, device=device)
-    samples = options.get("num_samples", 1)
+    model, tokenizer, info = load_for_generation(model_path, device=device, allow_encoders=True)
     out = sys.stdout
+    if model.kind == "encoder":
+        return _fill_masks(model, tokenizer, prompts, options, out)
+    samples = options.get("num_samples", 1)
 
     def stream(prompt_index: int, sample_index: int, text: str) -> None:
         out.write(text)
@@ -132,11 +136,41 @@ def main(argv: list[str]) -> int:
         if samples == 1:
             if model.kind == "decoder":
                 out.write(prompt)
-            generate(model, tokenizer, prompt, stream=stream, **info, **options)
+            texts = generate(model, tokenizer, prompt, stream=stream, **info, **options)
             out.write("\n")
+            _write_fills(model, tokenizer, info, prompt, texts[0], out)
         else:
             texts = generate(model, tokenizer, prompt, **info, **options)
             for i, text in enumerate(texts):
                 out.write(f"--- sample {i + 1} ---\n{prompt if model.kind == 'decoder' else ''}{text}\n")
+                _write_fills(model, tokenizer, info, prompt, text, out)
+        out.flush()
+    return 0
+
+
+def _write_fills(model, tokenizer, info: dict, prompt: str, text: str, out) -> None:
+    """T5 span infilling: one line per sentinel of the prompt with the text the model put there."""
+    if info.get("architecture") != "t5" or "<extra_id_" not in prompt:
+        return
+    from lmkit.generation import encode_text, span_fills
+
+    for mark, fill in span_fills(tokenizer, encode_text(tokenizer, text)).items():
+        if mark in prompt:
+            out.write(f"{mark}: {fill}\n")
+
+
+def _fill_masks(model, tokenizer, prompts: list[str], options: dict, out) -> int:
+    from lmkit.generation import fill_mask
+
+    extra = sorted(set(options) - {"top_k"})
+    if extra:
+        raise ConfigError(f"an encoder fills masks: {', '.join(extra)} do not apply (options: prompt, prompts_file, "
+                          f"top_k, device)")
+    for n, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            out.write(f"{'' if n == 0 else chr(10)}=== prompt {n + 1} ===\n")
+        for i, candidates in enumerate(fill_mask(model, tokenizer, prompt, options.get("top_k") or 5)):
+            shown = ", ".join(f"{text!r} {p:.3f}" for text, p in candidates)
+            out.write(f"[MASK] {i + 1}: {shown}\n")
         out.flush()
     return 0
