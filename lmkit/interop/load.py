@@ -73,7 +73,7 @@ def read_hf_weights(path) -> dict[str, torch.Tensor]:
 
 def _add_base_prefix(state: dict, family, table) -> dict:
     """Files saved from the bare base model (``GPT2Model``: ``wte.weight``) get the prefix the table uses."""
-    prefix = {"gpt2": "transformer.", "bert": "bert.", "albert": "albert."}.get(family.model_type)
+    prefix = {"gpt2": "transformer.", "bert": "bert.", "albert": "albert.", "llama": "model."}.get(family.model_type)
     if prefix is None or any(k.startswith(prefix) for k in state):
         return state
     return {prefix + k: v for k, v in state.items()}

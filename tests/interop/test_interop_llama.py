@@ -77,6 +77,20 @@ def test_hf_written_directory_loads(tmp_path):
     assert max_logit_diff(loaded.model, hf, ids, pad) < TOL
 
 
+def test_bare_llama_model_file_imports(tmp_path):
+    """A bare LlamaModel (keys without the "model." prefix, tied head) imports with LlamaForCausalLM's logits."""
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    perturb(hf)
+    hf.model.save_pretrained(tmp_path / "bare")
+    loaded = load_hf(tmp_path / "bare", tokenizer=False)
+    ids, pad = batch(256, T=20, pad_from=14)
+    assert max_logit_diff(loaded.model, hf, ids, pad) < TOL
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"rope_scaling": {"rope_type": "llama3", "factor": 32.0}}, "rope_scaling"),
     ({"attention_bias": True}, "attention_bias=True"),
