@@ -123,3 +123,19 @@ def test_callback_options_are_validated_per_callback():
     assert "Did you mean 'callback_options.token_throughput.window'?" in str(e.value)
     with pytest.raises(ConfigError, match="callback_options.token_throughput.window"):
         load_run_config(["+callback_options.token_throughput.window=many"])
+
+
+@pytest.mark.parametrize("preset, objective", [("gpt_tiny", "causal_lm"), ("bert_tiny", "mlm"), ("albert_tiny", "sop"),
+                                               ("t5_tiny", "span_corruption"), ("bart_tiny", "bart_denoising"),
+                                               ("llama_tiny", "causal_lm")])
+def test_memory_check_counts_a_lower_bound_of_the_parameters(preset, objective):
+    """The check that refuses models too large for the machine must never overcount (it would refuse a model
+    that fits)."""
+    import dataclasses
+
+    from lmkit.config.validate import _min_parameters
+
+    run = load_run_config([f"+objective={objective}", f"model={preset}"])
+    cfg = dataclasses.replace(run.model, vocab_size=300)
+    actual = sum(p.numel() for p in run.model_component.factory(cfg).parameters())
+    assert 0 < _min_parameters(cfg) <= actual

@@ -326,6 +326,11 @@ def _min_parameters(model) -> int | None:
         return None
     try:
         d, name = int(model.d_model), model.name
+        if name == "llama":  # q and output projections (K/V may be grouped), SwiGLU: three d x d_ff matrices
+            from lmkit.models.llama import llama_ffn_size
+
+            d_ff = int(model.d_ff or llama_ffn_size(d, int(model.ffn_multiple_of)))
+            return int(model.vocab_size or 266) * d + int(model.n_layer) * (2 * d * d + 3 * d * d_ff)
         d_ff = int(model.d_ff or 4 * d)
         width = int(getattr(model, "embedding_size", d)) if name == "albert" else d
         vocab = int(model.vocab_size or 266)
