@@ -233,7 +233,9 @@ def _run_hydra(config_dirs: list[str], args) -> int:
             if not multirun:  # leave through Hydra's runner without its error report; main raises it
                 state["error"] = e
                 raise SystemExit(EXIT_USAGE)
-            state["rc"] = _fail_line(str(e))
+            from lmkit.cli import _fail  # the one error line of every verb (rank 0 only, one line)
+
+            state["rc"] = _fail(str(e))
             return None
 
     sys.argv = [sys.argv[0]] + args.hydra_flags + args.overrides + searchpath
@@ -252,8 +254,3 @@ def _run_hydra(config_dirs: list[str], args) -> int:
         if state["sweep_dir"] is not None and state["ok"] == 0:
             _remove_refused_sweep(state["sweep_dir"])
     return state["rc"]
-
-
-def _fail_line(message: str) -> int:
-    print(f"lmkit: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_USAGE

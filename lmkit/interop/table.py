@@ -198,14 +198,8 @@ def to_hf(table: Table, state: dict[str, torch.Tensor], what: str) -> dict[str, 
     for rule in table.rules:
         if isinstance(rule, Tied) and rule.write and rule.target in out:
             out[rule.hf[0]] = out[rule.target].clone()
-    leftovers = set(state) - used
-    if missing or leftovers:
-        parts = []
-        if leftovers:
-            parts.append(f"tensors the table does not map: {_names(leftovers)}")
-        if missing:
-            parts.append(f"tensors the table expects but the checkpoint lacks: {_names(missing)}")
-        raise ConversionError(f"{what}: " + "; ".join(parts))
+    _refuse_unused(what, "tensors the table does not map", set(state) - used,
+                   "tensors the table expects but the checkpoint lacks", missing)
     return out
 
 
@@ -254,11 +248,13 @@ def from_hf(table: Table, state: dict[str, torch.Tensor], what: str,
     if unexpected is not None:
         unexpected.extend(sorted(leftovers))
         leftovers = set()
-    if missing or leftovers:
-        parts = []
-        if leftovers:
-            parts.append(f"unexpected tensors: {_names(leftovers)}")
-        if missing:
-            parts.append(f"missing tensors: {_names(missing)}")
-        raise ConversionError(f"{what}: " + "; ".join(parts))
+    _refuse_unused(what, "unexpected tensors", leftovers, "missing tensors", missing)
     return out, fresh
+
+
+def _refuse_unused(what: str, leftover_label: str, leftovers, missing_label: str, missing) -> None:
+    """One ConversionError naming the tensors no rule used and those a rule needed but did not find."""
+    parts = [f"{label}: {_names(names)}" for label, names in ((leftover_label, leftovers), (missing_label, missing))
+             if names]
+    if parts:
+        raise ConversionError(f"{what}: " + "; ".join(parts))
