@@ -31,6 +31,8 @@ BUILTIN_VERBS = {
     "train": Verb("train", "compose a run from config groups and overrides, and train it (the default)", _lazy("train")),
     "export": Verb("export", "write a run's model as a Hugging Face directory (config.json, model.safetensors, tokenizer)", _lazy("export")),
     "generate": Verb("generate", "write text from a run's model or a Hugging Face directory, streamed (KV cache; sampling options)", _lazy("generate")),
+    "plot": Verb("plot", "write PNG curves (loss, learning rate, throughput) of one or more runs' logged metrics", _lazy("plot")),
+    "summarize": Verb("summarize", "a multirun's jobs with their overrides and final validation metrics, best first (summary.csv)", _lazy("summarize")),
     "plugins": Verb("plugins", "list every component with its provider and version, and plugins that failed", _lazy("plugins")),
 }
 
