@@ -253,4 +253,19 @@ def _run_hydra(config_dirs: list[str], args) -> int:
         close_process_group()
         if state["sweep_dir"] is not None and state["ok"] == 0:
             _remove_refused_sweep(state["sweep_dir"])
+    if state["sweep_dir"] is not None and state["ok"]:
+        _print_sweep_summary(state["sweep_dir"])
     return state["rc"]
+
+
+def _print_sweep_summary(sweep_dir: Path) -> None:
+    """After a multirun's last job: its jobs best first (``lmkit summarize``), printed on rank 0."""
+    from lmkit.commands.summarize import report
+    from lmkit.launch import is_rank_zero
+
+    if not is_rank_zero():
+        return
+    try:
+        print(f"sweep summary ({sweep_dir}):\n{report(sweep_dir)}", flush=True)
+    except (LmkitError, OSError) as e:  # the jobs ran; a table that cannot be written is no reason to fail
+        print(f"lmkit: warning: no sweep summary: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
