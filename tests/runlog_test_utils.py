@@ -73,3 +73,20 @@ def write_multirun(sweep_dir: Path, task: list[str]) -> None:
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    """``python -m lmkit ARGS`` in-process: exit status, stdout, stderr."""
+    from lmkit.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def one_error(rc: int, err: str, expected: str) -> None:
+    """Refused with exit status 2 and one ``lmkit: error:`` line holding ``expected``."""
+    assert rc == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
+    assert len(lines) == 1 and expected in lines[0], err

@@ -8,24 +8,9 @@ import sys
 import pytest
 
 from lmkit_test_utils import TINY
-from runlog_test_utils import read_csv, write_multirun, write_run
+from runlog_test_utils import cli, one_error, read_csv, write_multirun, write_run
 
 PNGS = {"loss.png", "lr.png", "throughput.png"}
-
-
-def cli(args, capsys) -> tuple[int, str, str]:
-    from lmkit.cli import main
-
-    capsys.readouterr()
-    rc = main(list(args))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def one_error(rc, err, expected):
-    assert rc == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
-    assert len(lines) == 1 and expected in lines[0], err
 
 
 def assert_png(path):

@@ -66,3 +66,19 @@ def select_verb(argv: list[str], pm_factory) -> tuple[Verb, list[str]]:
         f"unknown command '{word}'.{did_you_mean(word, verbs)} Commands: {', '.join(verbs)}. "
         f"Training overrides are written key=value (e.g. trainer.max_steps=100); see python -m lmkit --help."
     )
+
+
+def split_options(argv: list[str], verb: str, options, usage: str) -> tuple[list[str], dict[str, str]]:
+    """A verb's arguments as positionals and ``OPTION=VALUE`` options; an unknown option or flag is a ConfigError."""
+    positionals, given = [], {}
+    for arg in argv:
+        if "=" not in arg:
+            if arg.startswith("-"):
+                raise ConfigError(f"{verb}: unknown option {arg}; options are written key=value. {usage}")
+            positionals.append(arg)
+            continue
+        key, value = arg.split("=", 1)
+        if key not in options:
+            raise ConfigError(f"{verb}: unknown option '{key}'.{did_you_mean(key, options)} Options: {', '.join(options)}")
+        given[key] = value
+    return positionals, given

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lmkit.commands import split_options
 from lmkit.errors import ConfigError, did_you_mean
 from lmkit.runlog import RunLog, distinguishing, multirun_jobs, read_run, tokens_per_step, write_atomic
 
@@ -37,17 +38,7 @@ FIGURES = {
 
 def parse(argv: list[str]) -> tuple[list[str], dict]:
     """The run arguments and the options of a ``plot`` command line."""
-    paths, options = [], {}
-    for arg in argv:
-        if "=" not in arg:
-            if arg.startswith("-"):
-                raise ConfigError(f"plot: unknown option {arg}; options are written key=value. {USAGE}")
-            paths.append(arg)
-            continue
-        key, value = arg.split("=", 1)
-        if key not in OPTIONS:
-            raise ConfigError(f"plot: unknown option '{key}'.{did_you_mean(key, OPTIONS)} Options: {', '.join(OPTIONS)}")
-        options[key] = value
+    paths, options = split_options(argv, "plot", OPTIONS, USAGE)
     if options.get("x", "step") not in X_AXES:
         raise ConfigError(f"plot: x={options['x']} is not an x axis.{did_you_mean(options['x'], X_AXES)} "
                           f"Give x=step or x=tokens")

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from lmkit.commands import split_options
 from lmkit.errors import ConfigError, LmkitError, did_you_mean
 from lmkit.runlog import MULTIRUN_CONFIG, distinguishing, multirun_jobs, read_run, write_atomic
 
@@ -29,21 +30,11 @@ COLUMNS = ("job", "status", "steps", *METRICS, "overrides", "run_dir")
 
 def parse(argv: list[str]) -> tuple[Path, dict]:
     """The multirun directory and options of a ``summarize`` command line."""
-    paths, options = [], {}
-    for arg in argv:
-        if "=" not in arg:
-            if arg.startswith("-"):
-                raise ConfigError(f"summarize: unknown option {arg}; options are written key=value. {USAGE}")
-            paths.append(arg)
-            continue
-        key, value = arg.split("=", 1)
-        if key not in OPTIONS:
-            raise ConfigError(f"summarize: unknown option '{key}'.{did_you_mean(key, OPTIONS)} Options: "
-                              f"{', '.join(OPTIONS)}")
-        if value not in SORT_KEYS:
-            raise ConfigError(f"summarize: sort={value} is not a column to sort by.{did_you_mean(value, SORT_KEYS)} "
-                              f"Give one of {', '.join(SORT_KEYS)}")
-        options[key] = value
+    paths, options = split_options(argv, "summarize", OPTIONS, USAGE)
+    sort = options.get("sort", "val/loss")
+    if sort not in SORT_KEYS:
+        raise ConfigError(f"summarize: sort={sort} is not a column to sort by.{did_you_mean(sort, SORT_KEYS)} "
+                          f"Give one of {', '.join(SORT_KEYS)}")
     if len(paths) != 1:
         raise ConfigError(f"summarize takes one multirun directory (multirun/DATE/TIME), got {len(paths)}. {USAGE}")
     return Path(paths[0]), options
