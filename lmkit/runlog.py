@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy
+
 from lmkit.errors import ConfigError
 
 METRICS_LOG = Path("logs") / "metrics.csv"
 RUN_CONFIG = "config.yaml"
 MULTIRUN_CONFIG = "multirun.yaml"
+#: the cumulative token count the compute_accounting callback logs
+TOKENS_SEEN = "train/tokens_seen"
 
 
 @dataclass
@@ -137,6 +141,26 @@ def tokens_per_step(config: dict) -> Callable[[int], float]:
                                ramp_steps=int(data.get("batch_ramp_steps") or 0))
     seq_len = int(data.get("seq_len") or 1)
     return lambda n: float(sampler.stream_offset(n) * seq_len)
+
+
+def tokens_at(run: RunLog) -> Callable[[int], float]:
+    """Tokens seen after ``n`` steps of ``run``: its logged ``train/tokens_seen`` where it has one.
+
+    Between logged steps the count is interpolated; past the last one (a final validation) it
+    grows as :func:`tokens_per_step` does. Without that metric (or with one that goes down):
+    :func:`tokens_per_step` alone.
+    """
+    formula = tokens_per_step(run.config)
+    seen = run.series.get(TOKENS_SEEN)
+    if not seen or any(b[1] < a[1] or b[0] <= a[0] for a, b in zip(seen, seen[1:])) or seen[0][0] <= 0:
+        return formula
+    steps, tokens = [0, *(s for s, _ in seen)], [0.0, *(t for _, t in seen)]
+
+    def at(n: int) -> float:
+        if n <= steps[-1]:
+            return float(numpy.interp(n, steps, tokens))
+        return tokens[-1] * formula(n) / max(formula(steps[-1]), 1.0)
+    return at
 
 
 def distinguishing(overrides: list[list[str]]) -> list[list[str]]:

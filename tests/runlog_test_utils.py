@@ -7,12 +7,12 @@ from pathlib import Path
 import yaml
 
 HEADER = ["epoch", "global_step", "step", "train/loss", "train/lr", "train/ppl", "train/tokens_per_s",
-          "val/bpb", "val/loss", "val/ppl"]
+          "train/tokens_seen", "val/bpb", "val/loss", "val/ppl"]
 
 
 def write_run(run_dir: Path, steps: int = 6, val_every: int = 2, overrides=(), lr: float = 1e-3,
               validate: bool = True, log_lr: bool = True, logger: str = "csv", batch_size: int = 4,
-              seq_len: int = 32, grad_accum: int = 1) -> dict[str, list[tuple[int, float]]]:
+              seq_len: int = 32, grad_accum: int = 1, tokens_per_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
     """A finished run of ``steps`` steps; returns the ``(step, value)`` points written per metric.
 
     Validation rows carry Lightning's ``step``: the steps done for the one at the start (and at
@@ -48,6 +48,8 @@ def write_run(run_dir: Path, steps: int = 6, val_every: int = 2, overrides=(), l
                "train/ppl": 180.0 - k, "train/tokens_per_s": 1000.0 + k}
         if log_lr:
             row["train/lr"] = lr * k / steps
+        if tokens_per_step:  # what the compute_accounting callback logs
+            row["train/tokens_seen"] = float(tokens_per_step * k)
         add(row, k)
         points.setdefault("global_step", []).append((k, float(k)))
         if validate and k % val_every == 0:

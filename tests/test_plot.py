@@ -100,6 +100,20 @@ def test_x_tokens_counts_batch_times_sequence(tmp_path):
     assert figures["lr"].axes[0].get_xlabel() == "tokens"
 
 
+def test_x_tokens_follows_the_logged_token_count(tmp_path):
+    """train/tokens_seen (e.g. two devices: twice what the config's batch says) wins over the estimate."""
+    from lmkit.commands.plot import build_figures
+    from lmkit.runlog import read_run
+
+    points = write_run(tmp_path / "run", steps=5, val_every=2, batch_size=4, seq_len=32, tokens_per_step=256)
+    figures, _ = build_figures([read_run(tmp_path / "run")], x="tokens")
+    lines = lines_by_label(figures["loss"])
+    label = str(tmp_path / "run")
+    assert lines[f"train/loss {label}"][0] == [v for _, v in points["train/tokens_seen"]]
+    # validations: at the start, after steps 2 and 4, and at the end (step 5)
+    assert lines[f"val/loss {label}"][0] == [0, 512, 1024, 1280]
+
+
 def test_missing_metrics_are_left_out_with_a_note(tmp_path, capsys):
     write_run(tmp_path / "run", validate=False, log_lr=False)
     rc, out, err = cli(["plot", str(tmp_path / "run")], capsys)

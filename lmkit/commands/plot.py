@@ -12,8 +12,8 @@ log (no validation, no throughput callback) is left out with a note.
 Options (OPTION=VALUE):
   out=DIR      where the PNGs go (default: RUN_DIR/plots for one run, MULTIRUN_DIR/plots for
                one multirun; required for several)
-  x=step       the x axis: step (optimizer steps) or tokens (steps × tokens per step, from
-               the run's data.batch_size, data.seq_len, batch ramp and devices)
+  x=step       the x axis: step (optimizer steps) or tokens (the run's logged train/tokens_seen;
+               without it, steps × data.batch_size × data.seq_len × micro-batches × devices)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lmkit.commands import split_options
 from lmkit.errors import ConfigError, did_you_mean
-from lmkit.runlog import RunLog, distinguishing, multirun_jobs, read_run, tokens_per_step, write_atomic
+from lmkit.runlog import RunLog, distinguishing, multirun_jobs, read_run, tokens_at, write_atomic
 
 USAGE = "usage: python -m lmkit plot RUN_DIR|MULTIRUN_DIR [RUN_DIR ...] [out=DIR] [x=step|tokens]"
 OPTIONS = ("out", "x")
@@ -84,7 +84,7 @@ def build_figures(runs: list[RunLog], x: str = "step") -> tuple[dict, list[str]]
     from matplotlib.figure import Figure
 
     labels = run_labels(runs)
-    to_x = [(tokens_per_step(r.config) if x == "tokens" else float) for r in runs]
+    to_x = [(tokens_at(r) if x == "tokens" else float) for r in runs]
     figures, notes = {}, []
     for name, (title, ylabel, metrics) in FIGURES.items():
         fig = Figure(figsize=(7, 4.5), dpi=100)
