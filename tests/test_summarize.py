@@ -98,6 +98,18 @@ def test_a_job_without_csv_log_or_cut_short_says_so(tmp_path, capsys):
     assert float(rows[1]["val/loss"]) == pytest.approx(points["val/loss"][-1][1])
 
 
+def test_the_train_verbs_own_results_stand_in_for_a_missing_csv_log(tmp_path):
+    from lmkit.commands.summarize import summarize
+
+    sweep_dir = tmp_path / "sweep"
+    write_multirun(sweep_dir, ["seed=1,2"])
+    write_run(sweep_dir / "0", overrides=["seed=1"], logger="none")
+    write_run(sweep_dir / "1", overrides=["seed=2"], logger="none")
+    rows = summarize(sweep_dir, ends={0: {"step": 6, "val/loss": 4.5, "val/ppl": 90.0}})
+    assert [(r["job"], r["status"], r["val/loss"], r["steps"]) for r in rows] == [
+        (0, "ok (no metrics log)", 4.5, 6), (1, "no metrics log", None, None)]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["{tmp}"], "is not a multirun directory (it has no multirun.yaml)"),
     (["{tmp}/nowhere"], "does not exist"),

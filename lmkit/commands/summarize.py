@@ -54,8 +54,13 @@ def _expected_jobs(sweep_dir: Path) -> list[list[str]]:
         return []
 
 
-def summarize(sweep_dir: str | Path) -> list[dict]:
-    """One row per job of the multirun directory ``sweep_dir``, in job order (see :data:`COLUMNS`)."""
+def summarize(sweep_dir: str | Path, ends: dict[int, dict] | None = None) -> list[dict]:
+    """One row per job of the multirun directory ``sweep_dir``, in job order (see :data:`COLUMNS`).
+
+    ``ends``: by job number, the last validation a job's training reported (``step`` and
+    metrics); it stands in for a job that has no csv log (the train verb passes it).
+    """
+    ends = ends or {}
     sweep_dir = Path(sweep_dir)
     jobs = multirun_jobs(sweep_dir) if sweep_dir.is_dir() else None
     if jobs is None:
@@ -74,8 +79,12 @@ def summarize(sweep_dir: str | Path) -> list[dict]:
         try:
             run = read_run(jobs[num])
         except LmkitError as e:
-            status = "no metrics log" if "no metrics log" in str(e) else f"failed: {e}"
-            rows.append(row | {"status": status})
+            if num in ends and "no metrics log" in str(e):
+                end = ends[num]
+                rows.append(row | {m: end.get(m) for m in METRICS} | {"steps": end.get("step"),
+                                                                      "status": "ok (no metrics log)"})
+            else:
+                rows.append(row | {"status": "no metrics log" if "no metrics log" in str(e) else f"failed: {e}"})
             continue
         row["overrides"] = run.overrides or row["overrides"]
         steps = [p[-1][0] for p in run.series.values() if p]
@@ -109,7 +118,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header]
     for r in rows:
         tail = " ".join(r["overrides"]) or "(no overrides)"
-        if r["status"] != "ok":
+        if not r["status"].startswith("ok"):
             tail += f"  [{r['status']}]"
         lines.append((str(r["job"]), *(_fmt(r[m]) for m in METRICS), _fmt(r["steps"]), tail))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
@@ -133,9 +142,9 @@ def write_summary(rows: list[dict], sweep_dir: Path) -> list[Path]:
     return [csv_path, json_path]
 
 
-def report(sweep_dir: str | Path, sort: str = "val/loss") -> str:
+def report(sweep_dir: str | Path, sort: str = "val/loss", ends: dict[int, dict] | None = None) -> str:
     """Summarize ``sweep_dir``, write its summary files; return the table with where they went."""
-    rows = sort_rows(summarize(sweep_dir), sort)
+    rows = sort_rows(summarize(sweep_dir, ends), sort)
     written = write_summary(rows, Path(sweep_dir))
     return format_table(rows) + "\n" + f"written: {', '.join(str(p) for p in written)}"
 

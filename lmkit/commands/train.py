@@ -198,7 +198,7 @@ def _run_hydra(config_dirs: list[str], args) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     searchpath = [f"hydra.searchpath=[{','.join('file://' + d for d in config_dirs[1:])}]"] if len(config_dirs) > 1 else []
-    state = {"rc": 0, "ok": 0, "sweep_dir": None, "error": None}
+    state = {"rc": 0, "ok": 0, "sweep_dir": None, "error": None, "ends": {}}
     given_dir = _override_value(args.overrides, "hydra.run.dir")
     existed = given_dir is not None and Path(given_dir.strip("'\"")).exists()
 
@@ -225,6 +225,8 @@ def _run_hydra(config_dirs: list[str], args) -> int:
                 state["rc"] = _report_preemption(summary["preempted"], run_dir, args.overrides)
                 raise SystemExit(state["rc"])
             state["ok"] += 1
+            if multirun and summary["end"]:  # the sweep's table falls back on it for a job without a csv log
+                state["ends"][int(hydra_cfg.job.num)] = summary["end"]
             if is_rank_zero():
                 print(format_summary(summary), flush=True)
             return summary["end"]["val/loss"] if summary["end"] else None
@@ -254,11 +256,11 @@ def _run_hydra(config_dirs: list[str], args) -> int:
         if state["sweep_dir"] is not None and state["ok"] == 0:
             _remove_refused_sweep(state["sweep_dir"])
     if state["sweep_dir"] is not None and state["ok"]:
-        _print_sweep_summary(state["sweep_dir"])
+        _print_sweep_summary(state["sweep_dir"], state["ends"])
     return state["rc"]
 
 
-def _print_sweep_summary(sweep_dir: Path) -> None:
+def _print_sweep_summary(sweep_dir: Path, ends: dict[int, dict]) -> None:
     """After a multirun's last job: its jobs best first (``lmkit summarize``), printed on rank 0."""
     from lmkit.commands.summarize import report
     from lmkit.launch import is_rank_zero
@@ -266,6 +268,6 @@ def _print_sweep_summary(sweep_dir: Path) -> None:
     if not is_rank_zero():
         return
     try:
-        print(f"sweep summary ({sweep_dir}):\n{report(sweep_dir)}", flush=True)
+        print(f"sweep summary ({sweep_dir}):\n{report(sweep_dir, ends=ends)}", flush=True)
     except (LmkitError, OSError) as e:  # the jobs ran; a table that cannot be written is no reason to fail
         print(f"lmkit: warning: no sweep summary: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
