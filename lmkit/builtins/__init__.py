@@ -143,4 +143,18 @@ def lmkit_register_callbacks():
     return [
         Component("token_throughput", c.build_token_throughput, c.TokenThroughputConfig, "logs train/tokens_per_s"),
         Component("lr_monitor", c.build_lr_monitor, c.LRMonitorConfig, "Lightning's LearningRateMonitor"),
+        Component("task_eval", _build_task_eval, _task_eval_config(),
+                  "scores few-shot tasks every N steps and logs tasks/<task>/<metric>"),
     ]
+
+
+def _build_task_eval(cfg):
+    from lmkit.evaluation.callback import build_task_eval
+
+    return build_task_eval(cfg)
+
+
+def _task_eval_config():
+    from lmkit.evaluation.callback import TaskEvalConfig
+
+    return TaskEvalConfig
