@@ -33,6 +33,7 @@ BUILTIN_VERBS = {
     "generate": Verb("generate", "write text from a run's model or a Hugging Face directory, streamed (KV cache; sampling options)", _lazy("generate")),
     "plot": Verb("plot", "write PNG curves (loss, learning rate, throughput) of one or more runs' logged metrics", _lazy("plot")),
     "summarize": Verb("summarize", "a multirun's jobs with their overrides and final validation metrics, best first (summary.csv)", _lazy("summarize")),
+    "evaluate": Verb("evaluate", "score a model on a corpus (perplexity, bits/byte) and on few-shot tasks; JSON + table", _lazy("evaluate")),
     "plugins": Verb("plugins", "list every component with its provider and version, and plugins that failed", _lazy("plugins")),
 }
 
