@@ -5,7 +5,8 @@ job: the overrides that tell it apart from the other jobs, its last validation m
 (val/loss, val/ppl, val/bpb where logged) and the steps it reached, sorted by val/loss; writes
 the same table as summary.csv and summary.json in MULTIRUN_DIR. A job that failed (no run
 directory), has no metrics log (logger other than csv) or never validated gets a row saying so,
-after the others. The train verb prints this table at the end of every multirun.
+after the others. The train verb prints this table at the end of every multirun (a job without a
+csv log then shows the last validation its training reported).
 
 Options (OPTION=VALUE):
   sort=val/loss   the metric to sort by (lowest first): val/loss, val/ppl, val/bpb, or job
