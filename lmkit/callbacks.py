@@ -61,6 +61,13 @@ def build_token_throughput(cfg: TokenThroughputConfig | None) -> L.Callback:
     return TokenThroughput(cfg)
 
 
+def build_compute_accounting(cfg) -> L.Callback:
+    """``compute_accounting``: FLOPs, tokens, MFU, energy and CO2e (:mod:`lmkit.accounting.callback`)."""
+    from lmkit.accounting.callback import ComputeAccounting
+
+    return ComputeAccounting(cfg)
+
+
 LR_INTERVALS = ("step", "epoch")
 
 

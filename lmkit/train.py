@@ -375,10 +375,14 @@ def _train(run: RunConfig, pm, run_dir: Path) -> dict:
         callback = next(c for c in trainer.callbacks if isinstance(c, Preemption))
         preempted = callback.info or {"signal": callback.signal_name or "SIGTERM", "step": trainer.global_step,
                                       "checkpoint": None}
+    from lmkit.accounting.callback import ComputeAccounting
+
+    accounting = next((c for c in trainer.callbacks if isinstance(c, ComputeAccounting)), None)
     # steps: the run's optimizer steps in total; steps_trained: by this call (a resumed run started at resumed_from)
     return {"start": start, "end": end, "steps": trainer.global_step, "steps_trained": trainer.global_step - built.start_step,
             "resumed_from": built.start_step if built.ckpt_path is not None else None, "params": n_params,
-            "preempted": preempted, "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR)}
+            "preempted": preempted, "run_dir": str(run_dir), "checkpoint_dir": str(run_dir / CHECKPOINT_DIR),
+            "compute": accounting.summary() if accounting is not None else None}
 
 
 def format_summary(summary: dict) -> str:
@@ -399,5 +403,9 @@ def format_summary(summary: dict) -> str:
     if summary["start"]:
         lines.append(f"validation at start: {fmt(summary['start'])}")
     lines.append(f"validation at end:   {fmt(summary['end'])}")
+    if summary.get("compute"):
+        from lmkit.accounting.callback import format_compute
+
+        lines.append(format_compute(summary["compute"]))
     lines.append(f"checkpoints: {summary['checkpoint_dir']}")
     return "\n".join(lines)

@@ -135,8 +135,9 @@ class ComputeAccounting(L.Callback):
         self._flops, self._tokens, self._step_s = self._flops + flops, self._tokens + tokens, self._step_s + elapsed
         self.flops_seen += flops
         self.tokens_seen += tokens
-        if not self._logged_per_token and tokens:
-            pl_module.log("train/flops_per_token", flops / tokens)
+        if not self._logged_per_token and tokens:  # once: pl_module.log would repeat it every step
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/flops_per_token": flops / tokens}, step=trainer.global_step)
             self._logged_per_token = True
         pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if elapsed > 0:

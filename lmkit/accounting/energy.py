@@ -9,6 +9,7 @@ facility energy into CO2-equivalent.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -31,8 +32,18 @@ def emissions_kg(energy_kwh: float, pue: float, intensity: float) -> float:
     return energy_kwh * pue * intensity
 
 
+def _quiet_codecarbon() -> None:
+    """Import codecarbon with its logger at ERROR (it logs INFO lines while a tracker is built, and sets
+    its level from CODECARBON_LOG_LEVEL when first imported). Raises ImportError without it."""
+    os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
+    import codecarbon  # noqa: F401
+
+    logging.getLogger("codecarbon").setLevel(logging.ERROR)
+
+
 def _energy_mix() -> dict | None:
     try:
+        _quiet_codecarbon()
         from codecarbon.input import DataSource
     except ImportError:
         return None
@@ -119,7 +130,7 @@ class CodecarbonMeter:
 
     def __init__(self, output_dir: str, country: str | None, gpu_ids: list[int] | None,
                  force_cpu_power: float | None, force_ram_power: float | None, measure_power_secs: float):
-        os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")  # log_level alone leaves two INFO lines
+        _quiet_codecarbon()
         from codecarbon import OfflineEmissionsTracker
 
         kwargs = dict(output_dir=output_dir, output_file="emissions.csv", project_name="lmkit", log_level="error",

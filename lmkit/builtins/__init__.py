@@ -139,9 +139,12 @@ def lmkit_register_datasets():
 @hookimpl
 def lmkit_register_callbacks():
     from lmkit import callbacks as c
+    from lmkit.accounting.callback import ComputeAccountingConfig
 
     return [
         Component("token_throughput", c.build_token_throughput, c.TokenThroughputConfig, "logs train/tokens_per_s"),
+        Component("compute_accounting", c.build_compute_accounting, ComputeAccountingConfig,
+                  "logs model FLOPs, tokens seen, MFU, energy and CO2e; the summary's compute line"),
         Component("lr_monitor", c.build_lr_monitor, c.LRMonitorConfig, "Lightning's LearningRateMonitor"),
         Component("task_eval", _build_task_eval, _task_eval_config(),
                   "scores few-shot tasks every N steps and logs tasks/<task>/<metric>"),
