@@ -265,6 +265,7 @@ def bench_gpu(quick: bool) -> dict:
 
     import torch.nn.functional as F
 
+    from lmkit.accounting import ACCELERATORS, flops_from_model
     from lmkit.models.gpt import GPT, GPTConfig
     from lmkit.objectives.linear_cross_entropy import linear_cross_entropy
 
@@ -272,9 +273,9 @@ def bench_gpu(quick: bool) -> dict:
     cfg = GPTConfig(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50304)
     B, T = int(os.environ.get("LMKIT_BENCH_GPU_BATCH", 16)), 1024
     modes = os.environ.get("LMKIT_BENCH_GPU_MODES", "eager,compile").split(",")
-    n_params = sum(p.numel() for p in GPT(cfg).parameters()) - cfg.max_seq_len * cfg.d_model
-    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * (cfg.d_model // cfg.n_head) * T
-    peak = 989e12  # H100/H200 SXM dense bf16
+    model_flops = flops_from_model(GPT(cfg))  # 6N + 12·L·H·Q·T, N = every parameter but the position table
+    n_params, flops_per_token = model_flops.params, model_flops.per_token(T)
+    peak = ACCELERATORS["h100_sxm"].bf16  # H100/H200 SXM dense bf16
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": B, "seq": T,
            "params_non_pos": n_params, "flops_per_token": flops_per_token, "peak_flops_assumed": peak}
     for mode in modes:

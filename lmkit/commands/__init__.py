@@ -34,6 +34,7 @@ BUILTIN_VERBS = {
     "plot": Verb("plot", "write PNG curves (loss, learning rate, throughput) of one or more runs' logged metrics", _lazy("plot")),
     "summarize": Verb("summarize", "a multirun's jobs with their overrides and final validation metrics, best first (summary.csv)", _lazy("summarize")),
     "evaluate": Verb("evaluate", "score a model on a corpus (perplexity, bits/byte) and on few-shot tasks; JSON + table", _lazy("evaluate")),
+    "estimate": Verb("estimate", "FLOPs, time at an assumed MFU, energy and CO2e of a planned run (no model is built)", _lazy("estimate")),
     "plugins": Verb("plugins", "list every component with its provider and version, and plugins that failed", _lazy("plugins")),
 }
 
