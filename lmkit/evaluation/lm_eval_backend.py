@@ -21,6 +21,11 @@ from __future__ import annotations
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+try:  # lm-eval's own backends (hf, ...) register when lm_eval.models is imported; keep them beside ours
+    import lm_eval.models  # noqa: F401
+except ImportError:  # the hf backend needs accelerate; lmkit's backend does not
+    pass
+
 
 @register_model("lmkit")
 class LmkitLM(TemplateLM):
@@ -38,6 +43,10 @@ class LmkitLM(TemplateLM):
         if not path:
             raise ConfigError("lm-eval --model lmkit needs --model_args run=RUN_DIR (or a checkpoint, or a local "
                               "Hugging Face directory)")
+        import torch
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's command line asks for cuda:0 unless told otherwise
         loaded = load_model(path, _device(device))
         self.scorer = Scorer(loaded.model, loaded.tokenizer, loaded.architecture, loaded.decoder_start_id,
                              batch_size=int(batch_size) if str(batch_size).isdigit() else 8,

@@ -38,11 +38,16 @@ def main(argv: list[str] | None = None) -> int:
             extra = []
         from lm_eval.__main__ import cli_evaluate
 
+        from lmkit.errors import LmkitError
+
         sys.argv = ["lm_eval", *argv, *extra]
         try:
             cli_evaluate()
         except SystemExit as e:
             return int(e.code or 0) if not isinstance(e.code, str) else 1
+        except LmkitError as e:
+            print(f"lmkit: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

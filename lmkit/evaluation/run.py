@@ -121,7 +121,7 @@ def corpus_tokens(loaded: LoadedModel, data_overrides: list[str], opts: EvalOpti
     if opts.max_tokens:
         tokens = tokens[:opts.max_tokens]
     where = data.path if data.path else data.source
-    return tokens, {"source": data.source, "path": str(where), "split": split, "seq_len_trained": data.seq_len}
+    return tokens, {"source": data.source, "path": str(where), "split": split}
 
 
 def _progress(total: int, label: str):
@@ -139,7 +139,8 @@ def score_corpus(loaded: LoadedModel, tokens, info: dict, opts: EvalOptions) -> 
     model, tok = loaded.model, loaded.tokenizer
     byte_lengths = np.asarray(tok.token_byte_lengths(), dtype=np.int64)
     max_len = getattr(model, "max_seq_len", None) or 512
-    seq_len = opts.seq_len or (info["seq_len_trained"] if loaded.run_dir is not None else min(max_len, 1024))
+    trained = (loaded.run_config.get("data") or {}).get("seq_len")  # the context the run was trained with
+    seq_len = opts.seq_len or min(trained or max_len, max_len, 1024)
     if model.kind == "decoder":
         from lmkit.evaluation.corpus import score_decoder
         from lmkit.evaluation.scorer import Scorer
