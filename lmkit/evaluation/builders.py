@@ -5,8 +5,10 @@
   3ds), operands drawn uniformly from [0, 10^d), as in the paper's task files.
 * From the built-in corpus's validation part (its last 10%, held out by the default run):
   ``shakespeare_next_line``, a 4-way multiple choice between the true next line of a speech
-  and three lines drawn from elsewhere; ``shakespeare_last_word``, LAMBADA-style prediction of
-  the last word of a passage.
+  and three lines drawn from elsewhere; ``shakespeare_line_end``, the same question about the
+  rest of a line cut at a random character (so local spelling and grammar decide it, a
+  question small models answer); ``shakespeare_last_word``, LAMBADA-style prediction of the
+  last word of a passage.
 
 ``python -m lmkit.evaluation.builders [OUT_DIR]`` rewrites the shipped files (a test checks
 they equal what the builders make).
@@ -72,6 +74,33 @@ def next_line_docs(text: str, n: int, seed: int, context_lines: int = 3) -> list
     return docs
 
 
+def line_end_docs(text: str, n: int, seed: int, context_lines: int = 2, min_cut: int = 8) -> list[dict]:
+    """Which of four line endings completes the passage: the true rest of its last line, cut at a random
+    character, and the rests of three other lines cut at the same length from their end."""
+    rnd = random.Random(seed)
+    speeches = [s for s in _speeches(text) if len(s) > context_lines]
+    all_lines = [line for s in speeches for line in s]
+    docs = []
+    for s in rnd.sample(speeches, min(n, len(speeches))):
+        at = rnd.randrange(context_lines, len(s))
+        line = s[at]
+        if len(line) < 2 * min_cut:
+            continue
+        cut = rnd.randrange(min_cut, len(line) - min_cut // 2)
+        true = line[cut:]
+        others = []
+        while len(others) < 3:
+            other = rnd.choice(all_lines)
+            end = other[-len(true):]
+            if len(other) > len(true) and end != true and end not in others and other not in s:
+                others.append(end)
+        choices = others + [true]
+        rnd.shuffle(choices)
+        context = "\n".join(s[at - context_lines:at] + [line[:cut]])
+        docs.append({"context": context, "choices": choices, "answer": choices.index(true)})
+    return docs
+
+
 _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.,;:!?]*$", re.S)
 
 
@@ -113,6 +142,10 @@ def shipped_specs(corpus_text: str) -> dict[str, tuple[dict, list[dict]]]:
         "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
         "target_delimiter": "\n", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
     }), next_line_docs(held, 200, seed=7))
+    out["shakespeare_line_end"] = (_task_yaml("shakespeare_line_end", "multiple_choice", {
+        "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "target_delimiter": "", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }), line_end_docs(held, 200, seed=13))
     out["shakespeare_last_word"] = (_task_yaml("shakespeare_last_word", "loglikelihood", {
         "doc_to_text": "{{context}}", "doc_to_target": "{{target}}", "target_delimiter": "",
         "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}],

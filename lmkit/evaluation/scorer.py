@@ -33,6 +33,8 @@ class Scorer:
 
     ``max_length``: the longest input the model is given (default: its ``max_seq_len``);
     longer requests keep their last ``max_length`` tokens, as lm-eval truncates.
+    ``share_prefixes``: requests with the same context (a multiple-choice question's choices)
+    run the context once; the numbers are those of running each request alone.
     """
 
     model: torch.nn.Module
@@ -41,6 +43,7 @@ class Scorer:
     decoder_start_id: int | None = None
     batch_size: int = 16
     max_length: int | None = None
+    share_prefixes: bool = True  # run a context shared by several continuations once (see _run_shared_contexts)
 
     def __post_init__(self):
         if self.model.kind not in ("decoder", "encoder_decoder"):
@@ -103,6 +106,8 @@ class Scorer:
         for i in empty:  # nothing to score: probability 1
             results[i] = (0.0, True)
         todo = [i for i in range(len(requests)) if results[i] is None]
+        if self.share_prefixes:
+            todo = self._run_shared_contexts(requests, todo, results)
         if self.kind == "decoder":
             todo.sort(key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
         else:
@@ -113,6 +118,58 @@ class Scorer:
             for i, result in zip(chunk, run([requests[i] for i in chunk])):
                 results[i] = result
         return results
+
+    # --- requests that share a context (the choices of a multiple-choice question) -------------
+
+    def _run_shared_contexts(self, requests, todo: list[int], results: list) -> list[int]:
+        """Score every group of requests with one context once: the context runs a single time (decoders: into
+        a KV cache then copied to one row per continuation; encoder-decoders: the encoder), then all its
+        continuations in one batch. Returns the requests left for the plain batched path."""
+        from lmkit.generation import supports_cache
+
+        groups: dict[tuple, list[int]] = {}
+        for i in todo:
+            groups.setdefault(tuple(requests[i][0]), []).append(i)
+        rest = []
+        for context, members in groups.items():
+            longest = max(len(requests[i][1]) for i in members)
+            if len(members) < 2 or (self.kind == "decoder" and (len(context) + longest - 1 > self.max_length
+                                                                 or not supports_cache(self.model))):
+                rest.extend(members)
+                continue
+            conts = [requests[i][1] for i in members]
+            run = self._decoder_group if self.kind == "decoder" else self._seq2seq_group
+            for i, result in zip(members, run(list(context), conts)):
+                results[i] = result
+        return rest
+
+    def _decoder_group(self, context: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        from lmkit.generation import kv_cache
+
+        n, width = len(conts), max(len(c) for c in conts)
+        with kv_cache(self.model, 1, len(context) + width):
+            last = self._cached_forward(torch.tensor([context], device=self.device), 0)[:, -1:]  # [1, 1, D]
+            if width == 1:
+                hidden = last.expand(n, 1, -1)
+            else:
+                _expand_caches(self.model, n)
+                feed = self._pad([c[:-1] or [self.tokenizer.eos_id] for c in conts], self.tokenizer.eos_id)
+                hidden = torch.cat([last.expand(n, 1, -1), self._cached_forward(feed, len(context))], dim=1)
+        return self._score(hidden, [(0, c) for c in conts])
+
+    def _cached_forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        if callable(getattr(self.model, "forward_cached", None)):
+            return self.model.forward_cached(ids, pos)
+        return self.model(ids, input_pos=pos)
+
+    def _seq2seq_group(self, context: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        targets = [c[:self.max_length] for c in conts]
+        src = torch.tensor([context[-self.max_length:]], device=self.device)
+        memory = self.model.encode(src).expand(len(targets), -1, -1)
+        dec_rows = [[self.decoder_start_id] + t[:-1] for t in targets]
+        dec = self._pad(dec_rows, self.tokenizer.pad_id)
+        hidden = self.model.decode(dec, memory, decoder_padding_mask=self._mask(dec_rows))
+        return self._score(hidden, [(0, t) for t in targets])
 
     def _decoder_batch(self, requests) -> list[tuple[float, bool]]:
         rows, spans = [], []
@@ -199,3 +256,14 @@ class Scorer:
                                     decoder_start_id=self.decoder_start_id)
             out.append(texts[0])
         return out
+
+
+def _expand_caches(model, n: int) -> None:
+    """Every attached KV cache, filled for one row, copied to ``n`` rows."""
+    from lmkit.models.layers import KVCache
+
+    for module in model.modules():
+        cache = getattr(module, "kv_cache", None)
+        if isinstance(cache, KVCache):
+            cache.k = cache.k.expand(n, -1, -1, -1).contiguous()
+            cache.v = cache.v.expand(n, -1, -1, -1).contiguous()

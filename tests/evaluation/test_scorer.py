@@ -62,7 +62,14 @@ def test_batched_padded_loglikelihoods_equal_one_request_at_a_time(name):
         context = [rnd.randrange(256) for _ in range(rnd.randrange(1, 20))]
         requests.append((context, [rnd.randrange(256) for _ in range(rnd.randrange(1, 6))]))
     requests.append(([rnd.randrange(256) for _ in range(60)], [1, 2, 3]))
+    for _ in range(2):  # choices of one question: one context, continuations of 1..5 tokens (run as a group)
+        context = [rnd.randrange(256) for _ in range(rnd.randrange(3, 20))]
+        requests += [(context, [rnd.randrange(256) for _ in range(k)]) for k in (1, 5, 2, 1)]
     got = scorer.loglikelihood_tokens(requests)
+    scorer.share_prefixes = False
+    alone = scorer.loglikelihood_tokens(requests)
+    assert [ll for ll, _ in alone] == pytest.approx([ll for ll, _ in got], abs=1e-4)
+    assert [g for _, g in alone] == [g for _, g in got]
     for (context, continuation), (ll, greedy) in zip(requests, got):
         if model.kind == "encoder_decoder":
             context = context[-scorer.max_length:]

@@ -46,6 +46,11 @@ def test_corpus_tasks_come_from_the_held_out_text():
         for i, other in enumerate(doc["choices"]):
             if i != doc["answer"]:
                 assert doc["context"] + "\n" + other not in held
+    for doc in load_task("shakespeare_line_end").docs:  # the rest of the line, cut mid-line
+        ends = doc["choices"]
+        assert doc["context"] + ends[doc["answer"]] + "\n" in held
+        assert len({len(e) for e in ends}) == 1  # every ending as long as the true one
+        assert all(doc["context"] + e + "\n" not in held for i, e in enumerate(ends) if i != doc["answer"])
     for doc in load_task("shakespeare_last_word").docs:
         assert doc["target"].startswith(" ") and doc["context"] + doc["target"] in held
 
