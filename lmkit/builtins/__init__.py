@@ -161,3 +161,22 @@ def _task_eval_config():
     from lmkit.evaluation.callback import TaskEvalConfig
 
     return TaskEvalConfig
+
+
+@hookimpl
+def lmkit_register_model_extensions():
+    from lmkit.adapters import LoRAConfig, PromptTuningConfig
+
+    return [
+        Component("lora", None, LoRAConfig, "low-rank adapters on chosen Linear layers, the model frozen "
+                  "(model.lora.r=8)"),
+        Component("prompt_tuning", None, PromptTuningConfig, "trainable soft-prompt embeddings before the input, "
+                  "the model frozen (model.prompt_tuning.length=20)"),
+    ]
+
+
+@hookimpl
+def lmkit_configure_model(model, run):
+    from lmkit.adapters import configure
+
+    configure(model, run)
