@@ -39,5 +39,28 @@ def configure(model, run) -> None:
     apply_prompt_tuning(model, prompt, verbose=True)
 
 
+def merged_model_state(node: dict, model_cls, config, state: dict, refuse_prompt: bool = True) -> dict:
+    """The model tensors of a saved run with its adapters merged: the base architecture's names and shapes.
+
+    ``node`` is the run's ``model`` section (``lora`` / ``prompt_tuning`` blocks as saved in
+    config.yaml), ``state`` its checkpoint's model tensors. A LoRA run is rebuilt (the base
+    model, its adapters), loaded and merged (``W + (alpha/r)·B·A``); a prompt-tuning run is
+    refused (its soft prompt has no place in the base architecture) unless ``refuse_prompt`` is
+    False (``init_from``: the base tensors are used, the prompt is not); any other run is returned as is.
+    """
+    prompt = node.get("prompt_tuning")
+    if refuse_prompt and isinstance(prompt, dict) and (prompt.get("length") or 0) > 0:
+        raise ConfigError(f"this {node.get('name')} run is prompt-tuned (model.prompt_tuning.length="
+                          f"{prompt['length']}): its soft prompt has no place in the base architecture, so it cannot "
+                          f"be exported, generated from or evaluated outside lmkit training")
+    lora = node.get("lora")
+    if not (isinstance(lora, dict) and lora.get("r") is not None):
+        return state
+    model = model_cls(config)
+    apply_lora(model, LoRAConfig(**lora))
+    model.load_state_dict(state)
+    return {k: v.detach() for k, v in merge_lora(model).state_dict().items()}
+
+
 __all__ = ["LoRAConfig", "LoRALinear", "PromptTuningConfig", "PromptedEmbedding", "apply_lora", "apply_prompt_tuning",
-           "configure", "merge_lora"]
+           "configure", "merge_lora", "merged_model_state"]

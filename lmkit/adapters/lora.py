@@ -165,7 +165,7 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "model.lor
         if not found:
             choices = _choices({n: m for n, m in linears.items() if id(m.weight) not in heads})
             raise ConfigError(f"{what}: '{entry}' matches no Linear layer of this {type(model).__name__}."
-                              f"{did_you_mean(entry, choices)} Its Linear layers: {', '.join(choices)} "
+                              f"{did_you_mean(entry, choices + [c.rsplit('.', 1)[-1] for c in choices])} Its Linear layers: {', '.join(choices)} "
                               f"(or the keywords {', '.join(KEYWORDS)}; the output head is never adapted)")
         chosen.update(dict.fromkeys(found))
     return list(chosen)

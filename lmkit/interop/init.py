@@ -147,6 +147,12 @@ def _prepare_lmkit(run, p: Path) -> InitPlan:
     model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     head_state = {k: v for k, v in state.items() if k.startswith("objective.")}
     cls = type(run.model)
+    if isinstance(node.get("lora"), dict):  # a LoRA run: its adapters merged into the base weights
+        from lmkit.adapters import merged_model_state
+        from lmkit.interop.source import model_config
+
+        model_state = merged_model_state(node, run.model_component.factory, model_config(node, model_state, cls),
+                                         model_state, refuse_prompt=False)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in node.items() if k in names}
     if kwargs.get("vocab_size") is None:

@@ -111,6 +111,9 @@ def read_source(path) -> Source:
     if other:
         raise CheckpointError(f"checkpoint '{ckpt}' holds tensors outside the model and objective: {other[:5]}")
     cfg = model_config(node, model_state, family.config_cls)
+    from lmkit.adapters import merged_model_state
+
+    model_state = merged_model_state(node, family.model_cls, cfg, model_state)  # LoRA merged: the base's tensors
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"'{run_dir}' has no tokenizer.json (written with config.yaml when the run starts)")
