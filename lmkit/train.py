@@ -209,6 +209,9 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
         init = prepare_init(run)
         run = init.run
     source = run.dataset_component.factory(run.data)
+    read_as = getattr(run.objective_component.factory, "data_source", None)  # e.g. sft: records -> packed rows
+    if read_as is not None:
+        source = read_as(run.objective, run.data, source)
     tokenizer = (init.tokenizer if init is not None else None) or build_tokenizer(run, source, cache_dir)
     if ckpt_path is not None:
         saved = ckpt_path.parent.parent / "tokenizer.json"

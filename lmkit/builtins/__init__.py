@@ -23,6 +23,7 @@ def lmkit_register_objectives():
     from lmkit.objectives.mlm import MLM, MLMConfig
     from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig, PrefixLMSeq2SeqConfig
     from lmkit.objectives.sentence_pair import NSPConfig, SentencePair, SOPConfig
+    from lmkit.objectives.sft import SFT, SFTConfig
     from lmkit.objectives.span_bert import SpanBERT, SpanBERTConfig
     from lmkit.objectives.span_corruption import SpanCorruption, SpanCorruptionConfig
     from lmkit.objectives.ul2 import UL2, UL2Config
@@ -48,6 +49,8 @@ def lmkit_register_objectives():
         objective("prefix_lm_seq2seq", PrefixLM, PrefixLMSeq2SeqConfig, "prefix LM, encoder-decoder form (T5)",
                   "t5_tiny", kinds=("encoder_decoder",)),
         objective("ul2", UL2, UL2Config, "mixture of denoisers R/X/S with mode tokens (UL2)", "t5_tiny"),
+        objective("sft", SFT, SFTConfig, "supervised fine-tuning, loss on responses (decoders, enc-dec, UniLM encoders)",
+                  "gpt_tiny"),
     ]
 
 

@@ -41,7 +41,13 @@ def _encode_chunk(tokenizer: Tokenizer, docs: list[str], eos: int, dtype) -> np.
 
 
 def build_token_array(source: Source, tokenizer: Tokenizer) -> np.ndarray:
-    """All documents of ``source`` tokenized and packed, EOS after each document."""
+    """All documents of ``source`` tokenized and packed, EOS after each document.
+
+    A source with a ``token_array(tokenizer)`` method packs its own rows (:mod:`lmkit.data.sft`).
+    """
+    own = getattr(source, "token_array", None)
+    if own is not None:
+        return own(tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     chunks, batch = [], []
     for doc in source.documents():
