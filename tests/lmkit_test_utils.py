@@ -42,3 +42,14 @@ def lmkit_register_optimizers():
 """
 #: a plugin whose import fails
 BROKEN_PLUGIN_SOURCE = "import lmkit_this_module_does_not_exist\n"
+
+
+def one_error_line(capsys, argv, expected) -> None:
+    """``lmkit.cli.main(argv)`` exits 2 with exactly one ``lmkit: error:`` line, which contains ``expected``."""
+    import lmkit.cli
+
+    capsys.readouterr()
+    assert lmkit.cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
+    assert len(lines) == 1 and expected in lines[0], err

@@ -24,6 +24,7 @@ from lmkit.models.gpt import GPT, GPTConfig
 from lmkit.models.llama import Llama, LlamaConfig
 from lmkit.models.t5 import T5, T5Config
 from lmkit.tokenizers.byte import ByteTokenizer
+from lmkit_test_utils import one_error_line as _one_error
 
 TOK = ByteTokenizer(num_sentinels=4)
 V = TOK.vocab_size
@@ -245,16 +246,6 @@ def test_generate_from_the_api_equals_the_verb(run_dir, capsys):
     capsys.readouterr()
     assert lmkit.cli.main(["generate", str(run_dir), "prompt=ROMEO:", "max_new_tokens=8", "seed=1"]) == 0
     assert capsys.readouterr().out == "ROMEO:" + texts[0][0] + "\n"
-
-
-def _one_error(capsys, argv, expected):
-    import lmkit.cli
-
-    capsys.readouterr()
-    assert lmkit.cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
-    assert len(lines) == 1 and expected in lines[0], err
 
 
 def test_generate_verb_refuses_bad_arguments_in_one_line(run_dir, tmp_path, capsys):

@@ -127,16 +127,7 @@ class JsonlSource(Source):
 
     def documents(self) -> Iterator[str]:
         for f in self.files:
-            for lineno, line in enumerate(_read_text(f).splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg}). Each line must be one JSON object.") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{f}:{lineno}: the line is a JSON {_json_type(record)}, not an object. Each line "
-                                    f"must be one JSON object with a '{self.text_field}' field.")
+            for lineno, record in jsonl_records(f, f"a '{self.text_field}' field"):
                 if self.text_field not in record:
                     keys = [str(k) for k in record]
                     hint = did_you_mean(self.text_field, keys, prefix="data.text_field=")
@@ -147,6 +138,22 @@ class JsonlSource(Source):
                     raise DataError(f"{f}:{lineno}: field '{self.text_field}' is {type(text).__name__}, not a string.")
                 if text.strip():
                     yield text
+
+
+def jsonl_records(path: Path, wanted: str = "its fields") -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line of a JSON-lines file; a line that is not a JSON object is
+    a DataError naming file and line (``wanted``: what an object should hold, for the message)."""
+    for lineno, line in enumerate(_read_text(Path(path)).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}). Each line must be one JSON object.") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: the line is a JSON {_json_type(record)}, not an object. Each line "
+                            f"must be one JSON object with {wanted}.")
+        yield lineno, record
 
 
 def _json_type(value) -> str:

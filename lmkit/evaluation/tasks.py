@@ -29,7 +29,6 @@ default sampler does.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -165,19 +164,11 @@ def resolve_task(name_or_path: str) -> Path:
 
 
 def _read_jsonl(path: Path, task: str) -> list[dict]:
+    from lmkit.data.sources import jsonl_records
+
     if not path.is_file():
         raise ConfigError(f"task {task}: data file '{path}' does not exist")
-    docs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"task {task}: {path}:{lineno} is not valid JSON ({e.msg})") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"task {task}: {path}:{lineno} is not a JSON object")
-        docs.append(doc)
+    docs = [record for _, record in jsonl_records(path, "the task's fields")]
     if not docs:
         raise ConfigError(f"task {task}: '{path}' holds no document")
     return docs

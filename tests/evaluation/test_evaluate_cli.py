@@ -8,20 +8,13 @@ import math
 import pytest
 
 import lmkit.cli
+from lmkit_test_utils import one_error_line as _one_error
 
 
 def _json(capsys):
     out = capsys.readouterr().out
     path = out.strip().splitlines()[-1].removeprefix("results: ")
     return out, json.loads(open(path).read())
-
-
-def _one_error(capsys, argv, expected):
-    capsys.readouterr()
-    assert lmkit.cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
-    assert len(lines) == 1 and expected in lines[0], err
 
 
 def test_a_run_is_scored_on_its_validation_split_and_on_any_file(eval_run, tmp_path, capsys):

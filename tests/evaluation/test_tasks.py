@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lmkit.errors import ConfigError
+from lmkit.errors import ConfigError, LmkitError
 from lmkit.evaluation import builders
 from lmkit.evaluation.tasks import evaluate_task, load_task, shipped_tasks
 
@@ -150,5 +150,5 @@ def test_a_bad_json_line_names_file_and_line(tmp_path):
     path = _write_task(tmp_path, {"output_type": "loglikelihood", "doc_to_text": "c", "doc_to_target": "t"},
                        [{"c": "x", "t": "y"}])
     (tmp_path / "docs.jsonl").write_text('{"c": "x", "t": "y"}\n{"c": oops}\n')
-    with pytest.raises(ConfigError, match=r"docs.jsonl:2 is not valid JSON"):
+    with pytest.raises(LmkitError, match=r"docs.jsonl:2: invalid JSON"):
         load_task(str(path))
