@@ -49,6 +49,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def build_tokenizer(run: RunConfig, source, cache_dir: Path):
+    required = getattr(run.objective_component.factory, "required_tokenizer", None)  # e.g. a distillation teacher's
+    if required is not None and (tokenizer := required(run.objective)) is not None:
+        return tokenizer
     needed = getattr(run.objective_component.factory, "sentinels_needed", None)
     tok_cfg = run.tokenizer
     if needed is not None:
@@ -225,6 +228,8 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     objective.attach(model)
     if init is not None and ckpt_path is None:  # a resumed run's weights come from its checkpoint
         init.apply(model, objective)
+    elif ckpt_path is None and callable(getattr(objective, "init_model", None)):  # e.g. a student from its teacher
+        objective.init_model(model)
     plan = run.strategy_component.factory(run.strategy)
     opt_c, sched_c = run.optimizer_component, run.scheduler_component
     module = LMModule(

@@ -20,6 +20,7 @@ def lmkit_config_dirs():
 def lmkit_register_objectives():
     from lmkit.objectives.bart import BARTDenoising, BARTDenoisingConfig
     from lmkit.objectives.causal_lm import CausalLM, CausalLMConfig
+    from lmkit.objectives.distillation import Distillation, DistillationConfig
     from lmkit.objectives.mlm import MLM, MLMConfig
     from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig, PrefixLMSeq2SeqConfig
     from lmkit.objectives.sentence_pair import NSPConfig, SentencePair, SOPConfig
@@ -51,6 +52,8 @@ def lmkit_register_objectives():
         objective("ul2", UL2, UL2Config, "mixture of denoisers R/X/S with mode tokens (UL2)", "t5_tiny"),
         objective("sft", SFT, SFTConfig, "supervised fine-tuning, loss on responses (decoders, enc-dec, UniLM encoders)",
                   "gpt_tiny"),
+        objective("distillation", Distillation, DistillationConfig,
+                  "student trained against a frozen teacher: T^2 KL + LM + cosine (DistilBERT)", "bert_tiny"),
     ]
 
 

@@ -5,7 +5,8 @@
 2. activation checkpointing per block (``strategy.activation_checkpointing``);
 3. FSDP2 ``fully_shard`` per block, then the objective's heads, then the whole model (root)
    over the ``data_parallel`` mesh dimension, with the mixed-precision and CPU-offload
-   policies.
+   policies; models the objective only uses (``objective.frozen_models()``: a distillation
+   teacher) are sharded the same way.
 
 It runs inside ``LightningModule.configure_model`` once the process group and the device
 mesh exist (``lm_module.device_mesh``, made by :class:`~lmkit_fsdp.strategy.LmkitModelParallelStrategy`).
@@ -75,6 +76,13 @@ def parallelize(lm_module, run, cfg, strategy=None) -> None:
         else:
             replicated += own
     _average_gradients(replicated, dp_mesh)
+    # models the objective uses but does not train (a distillation teacher), held outside the module
+    # tree: sharded the same way, per block then root, with the same mixed-precision policy
+    frozen_models = getattr(objective, "frozen_models", None)
+    for frozen in frozen_models() if callable(frozen_models) else []:
+        for block in _shardable_blocks(frozen):
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(frozen, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
     # the root keeps its parameters gathered after forward: the tied output embedding is used
     # by the objective (model.logits) right after the model's forward
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)

@@ -48,13 +48,19 @@ def main(spec_path: str) -> None:
     local = sum(_local_numel(p) for p in module.model.parameters())
     total = sum(_global_numel(p) for p in module.model.parameters())
     fractions = [local / total]
+    frozen = [p for m in getattr(module.objective, "frozen_models", lambda: [])() for p in m.parameters()]
+    frozen_fraction = sum(_local_numel(p) for p in frozen) / max(1, sum(_global_numel(p) for p in frozen))
     state = _full_state(built)
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local / total)
         fractions = gathered
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, frozen_fraction)
+        frozen_fraction = gathered
     if built.trainer.global_rank == 0:
-        torch.save({"losses": losses, "fractions": fractions, "state": state, "steps": built.trainer.global_step,
+        torch.save({"losses": losses, "fractions": fractions, "state": state, "frozen_fractions": frozen_fraction,
+                    "steps": built.trainer.global_step,
                     "world": built.trainer.world_size}, spec["out"])
 
 
