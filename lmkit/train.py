@@ -224,6 +224,9 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
                 f"Use the same tokenizer settings as the checkpoint's run (see {saved.parent / 'config.yaml'})."
             )
     objective = run.objective_component.factory(run.objective, tokenizer)
+    datamodule = None
+    if getattr(objective, "example_based", False):  # one example per record: the data's classes size the heads
+        datamodule = objective.make_datamodule(run, source, tokenizer, cache_dir, data_steps=lambda: module.data_steps)
     model = build_model(run, tokenizer, pm)
     objective.attach(model)
     if init is not None and ckpt_path is None:  # a resumed run's weights come from its checkpoint
@@ -243,8 +246,9 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     )
     if ckpt_path is not None:
         check_checkpoint_fits(module, ckpt_path)
-    datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
-                              run.trainer.val_batches, data_steps=lambda: module.data_steps)
+    if datamodule is None:
+        datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
+                                  run.trainer.val_batches, data_steps=lambda: module.data_steps)
     datamodule.prepare()
     module.data_fingerprint = datamodule.fingerprint()  # saved in checkpoints, compared on resume
     if ckpt_path is not None:

@@ -20,6 +20,7 @@ def lmkit_config_dirs():
 def lmkit_register_objectives():
     from lmkit.objectives.bart import BARTDenoising, BARTDenoisingConfig
     from lmkit.objectives.causal_lm import CausalLM, CausalLMConfig
+    from lmkit.objectives.classification import Classification, ClassificationConfig
     from lmkit.objectives.distillation import Distillation, DistillationConfig
     from lmkit.objectives.mlm import MLM, MLMConfig
     from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig, PrefixLMSeq2SeqConfig
@@ -50,6 +51,8 @@ def lmkit_register_objectives():
         objective("prefix_lm_seq2seq", PrefixLM, PrefixLMSeq2SeqConfig, "prefix LM, encoder-decoder form (T5)",
                   "t5_tiny", kinds=("encoder_decoder",)),
         objective("ul2", UL2, UL2Config, "mixture of denoisers R/X/S with mode tokens (UL2)", "t5_tiny"),
+        objective("classification", Classification, ClassificationConfig,
+                  "sentence (pair) classification or regression: [CLS] / last-token head, label text (T5)", "bert_tiny"),
         objective("sft", SFT, SFTConfig, "supervised fine-tuning, loss on responses (decoders, enc-dec, UniLM encoders)",
                   "gpt_tiny"),
         objective("distillation", Distillation, DistillationConfig,
