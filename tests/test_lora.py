@@ -300,3 +300,30 @@ def test_lora_under_fsdp_on_two_ranks_matches_one_process(tmp_path):
 
     assert (two["run_dir"] / "checkpoints" / "last.ckpt").is_dir()  # sharded
     assert lmkit.cli.main(["export", str(two["run_dir"]), str(tmp_path / "hf")]) == 0
+
+
+@pytest.mark.parametrize("preset, objective", [
+    ("gpt_tiny", "causal_lm"), ("llama_tiny", "causal_lm"), ("bert_tiny", "mlm"), ("albert_tiny", "sop"),
+    ("t5_tiny", "span_corruption"), ("bart_tiny", "bart_denoising"),
+])
+def test_every_architecture_adapts_and_merges_to_the_same_outputs(preset, objective):
+    import dataclasses
+
+    from lmkit.api import load_run_config
+
+    cfg = load_run_config([f"model={preset}", f"+objective={objective}", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    base = cfg.model_component.factory(dataclasses.replace(cfg.model, vocab_size=300)).eval().double()
+    model = copy.deepcopy(base)
+    names = apply_lora(model, LoRAConfig(r=2, targets=["all-linear"]))  # fp64: the merge, not rounding, is tested
+    assert names and all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    kwargs = {"decoder_input_ids": ids[:, :7]} if base.kind == "encoder_decoder" else {}
+    with torch.no_grad():
+        assert torch.equal(model(ids, **kwargs), base(ids, **kwargs))  # B = 0: the base model, bit for bit
+        randomize_adapters(model)
+        unmerged = model(ids, **kwargs)
+        assert not torch.allclose(unmerged, base(ids, **kwargs))
+        merged = merge_lora(copy.deepcopy(model))
+        assert set(merged.state_dict()) == set(base.state_dict())
+        torch.testing.assert_close(merged(ids, **kwargs), unmerged, rtol=0, atol=1e-10)
