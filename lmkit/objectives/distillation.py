@@ -108,7 +108,7 @@ class Distillation(Objective):
                               f"or give a teacher trained with this tokenizer)")
         teacher = load_teacher(cfg.teacher)
         if teacher.kind not in KINDS:
-            raise ConfigError(f"objective.teacher={cfg.teacher} is a {teacher.architecture} model ({teacher.kind}); "
+            raise ConfigError(f"objective.teacher={cfg.teacher} is a {teacher.architecture} model ({_a(teacher.kind)}); "
                               f"distillation trains encoders and decoders")
         object.__setattr__(self, "teacher", teacher)  # not a sub-module: never trained, saved or switched to train()
         self.kind = teacher.kind
@@ -136,8 +136,8 @@ class Distillation(Objective):
 
     def attach(self, model) -> None:
         if model.kind != self.kind:
-            raise ConfigError(f"the student is a {model.kind} ({type(model).__name__}) but objective.teacher="
-                              f"{self.cfg.teacher} is a {self.kind} ({self.teacher.architecture}): choose a student "
+            raise ConfigError(f"the student is {_a(model.kind)} ({type(model).__name__}) but objective.teacher="
+                              f"{self.cfg.teacher} is {_a(self.kind)} ({self.teacher.architecture}): choose a student "
                               f"model of the teacher's kind (e.g. model={self.teacher.architecture}_tiny)")
         s_width, t_width = _width(model), _width(self.teacher.model)
         if self.cfg.alpha_cos > 0 and s_width != t_width:
@@ -231,6 +231,10 @@ class Distillation(Objective):
         same_targets = bool(n_lm == n_pos)  # the LM targets are the scored positions: perplexity is comparable
         return LossOutput(loss_sum=loss_sum, n_targets=n_pos, nll_sum=lm.nll_sum if same_targets else None,
                           n_bytes=lm.n_bytes if same_targets else None, logs=logs)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _width(model) -> int | None:

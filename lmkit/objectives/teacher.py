@@ -21,6 +21,8 @@ def is_hf_dir(path: Path) -> bool:
 
 def teacher_tokenizer(path: str):
     """The tokenizer of the teacher at ``path`` (without loading its weights)."""
+    from lmkit.errors import CheckpointError
+
     p = Path(path)
     if is_hf_dir(p):
         from lmkit.interop.tokenizer import load_tokenizer_dir
@@ -29,7 +31,10 @@ def teacher_tokenizer(path: str):
     from lmkit.interop.source import locate
     from lmkit.tokenizers.trained import load_tokenizer_file
 
-    run_dir, _ = locate(p)
+    try:
+        run_dir, _ = locate(p)
+    except CheckpointError as e:
+        raise ConfigError(f"objective.teacher={path}: {e}") from None
     if not (run_dir / "tokenizer.json").is_file():
         raise ConfigError(f"objective.teacher={path}: '{run_dir}' has no tokenizer.json")
     return load_tokenizer_file(run_dir / "tokenizer.json")
