@@ -20,6 +20,12 @@ Options (OPTION=VALUE):
   stop=[S1,S2]            stop strings: the text ends before the first one
   device=auto             cpu, cuda, cuda:1 ... (auto: cuda when available)
   use_cache=true          false: rerun the whole context every step (slow; for checks)
+  template=TEXT           SFT prompt template ({prompt} = the prompt); default: the run's objective.template
+  raw=false               true: a run trained with objective sft gets the prompt as plain text (no template)
+
+A run trained with ``+objective=sft`` answers prompts: the prompt is written in the run's
+template between the markers it was trained with (``[NLU] template(prompt) [S2S]``) and the
+response ends at the ``<eos>`` it learned.
 """
 from __future__ import annotations
 
@@ -30,8 +36,8 @@ from lmkit.errors import ConfigError, did_you_mean
 
 USAGE = "usage: python -m lmkit generate RUN_DIR|CHECKPOINT|HF_DIR prompt=\"...\" [OPTION=VALUE ...]"
 OPTIONS = ("prompt", "prompts_file", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-           "num_samples", "seed", "stop", "device", "use_cache")
-_TEXT = ("prompt", "prompts_file", "device")
+           "num_samples", "seed", "stop", "device", "use_cache", "template", "raw")
+_TEXT = ("prompt", "prompts_file", "device", "template")
 
 
 def _value(key: str, raw: str):
@@ -49,9 +55,9 @@ def _value(key: str, raw: str):
         return [str(v) for v in value] if isinstance(value, list) else [raw]
     if key == "top_k" and value in (None, "null", "none", "None"):
         return None
-    if key == "use_cache":
+    if key in ("use_cache", "raw"):
         if not isinstance(value, bool):
-            raise ConfigError(f"use_cache={raw}: give true or false")
+            raise ConfigError(f"{key}={raw}: give true or false")
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
@@ -119,11 +125,17 @@ def main(argv: list[str]) -> int:
     model_path, options = parse(argv)
     prompts = _prompts(options)
     device = _device(options.pop("device", None))
+    template, raw = options.pop("template", None), options.pop("raw", False)
     GenerationOptions(**options).check()  # bad values fail before the model is read
+    from lmkit.objectives.sft import run_format
+
+    sft = None if raw else run_format(model_path, template)
     model, tokenizer, info = load_for_generation(model_path, device=device, allow_encoders=True)
     out = sys.stdout
     if model.kind == "encoder":
         return _fill_masks(model, tokenizer, prompts, options, out)
+    if sft is not None:
+        return _respond(model, tokenizer, sft, prompts, info, options, out)
     samples = options.get("num_samples", 1)
 
     def stream(prompt_index: int, sample_index: int, text: str) -> None:
@@ -144,6 +156,26 @@ def main(argv: list[str]) -> int:
             for i, text in enumerate(texts):
                 out.write(f"--- sample {i + 1} ---\n{prompt if model.kind == 'decoder' else ''}{text}\n")
                 _write_fills(model, tokenizer, info, prompt, text, out)
+        out.flush()
+    return 0
+
+
+def _respond(model, tokenizer, fmt, prompts: list[str], info: dict, options: dict, out) -> int:
+    """An SFT run's responses: the prompt in its template, then the response (streamed when one sample)."""
+    from lmkit.objectives.sft import respond
+
+    for n, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            out.write(f"{'' if n == 0 else chr(10)}=== prompt {n + 1} ===\n")
+        if options.get("num_samples", 1) == 1:
+            out.write(fmt.render(prompt))
+            respond(model, tokenizer, fmt, prompt, decoder_start_id=info.get("decoder_start_id"),
+                    stream=lambda i, text: (out.write(text), out.flush()), **options)
+            out.write("\n")
+        else:
+            for i, text in enumerate(respond(model, tokenizer, fmt, prompt, decoder_start_id=info.get("decoder_start_id"),
+                                             **options)):
+                out.write(f"--- sample {i + 1} ---\n{fmt.render(prompt)}{text}\n")
         out.flush()
     return 0
 

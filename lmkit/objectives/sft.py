@@ -241,3 +241,26 @@ def respond(model, tokenizer, fmt: SFTFormat, prompt: str, *, decoder_start_id: 
     finally:
         model.train(was_training)
     return texts
+
+
+def run_format(path, template: str | None = None) -> SFTFormat | None:
+    """The SFT format of the run behind ``path`` (a run directory or a checkpoint inside one): None when the
+    run was not trained with ``sft`` and no ``template`` is given; ``template`` replaces the run's."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    config = p / "config.yaml" if p.is_dir() else p.parent.parent / "config.yaml"
+    section = {}
+    if config.is_file():
+        try:
+            section = (yaml.safe_load(config.read_text()) or {}).get("objective") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            section = {}
+    if section.get("name") != "sft" and template is None:
+        return None
+    fields = {k: v for k, v in section.items() if k in SFTConfig.__dataclass_fields__ and k != "name"}
+    if template is not None:
+        fields["template"] = template
+    return SFTConfig(**fields).format()

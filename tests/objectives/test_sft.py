@@ -314,3 +314,69 @@ def test_bad_options():
         SFTConfig(overlong="cut")
     with pytest.raises(ConfigError, match="objective.mask_prob must be strictly between 0 and 1"):
         SFTConfig(mask_prob=1.5)
+
+
+# -- measured: SFT teaches the format of the speaker → speech task ------------------------------------
+SPEAKER_HEADER = __import__("re").compile(r"^[A-Z][A-Za-z' ]*:$", __import__("re").M)
+
+
+def format_rate(path, prompts: list[str], plain: bool = False, budget: int = 200) -> float:
+    """Share of sampled responses that follow the format: they end (``<eos>``) within ``budget`` tokens, are not
+    empty and hold one speech (no ``NAME:`` line of a next speaker). ``plain``: the prompt as the pretraining text
+    (``<eos>NAME:\\n``) instead of the SFT template."""
+    from lmkit.generation import GenerationOptions, generate_ids, load_for_generation
+
+    model, tok, _ = load_for_generation(path)
+    ok = 0
+    for i, p in enumerate(prompts):
+        ids = [tok.eos_id] + tok.encode(p + ":\n") if plain else prompt_ids(tok, SFTFormat(), p)
+        out, texts = generate_ids(model, ids, GenerationOptions(max_new_tokens=budget, temperature=0.8, seed=i),
+                                  tokenizer=tok, eos_id=tok.eos_id)
+        ok += len(out[0]) < budget and bool(texts[0].strip()) and not SPEAKER_HEADER.search(texts[0])
+    return ok / len(prompts)
+
+
+@pytest.mark.slow
+def test_sft_teaches_the_response_format(tmp_path):
+    """Pretrain a tiny GPT on the corpus, then SFT it on speaker → speech pairs (experiment=sft, init_from):
+    held-out speakers' responses follow the format far more often than the pretrained model's."""
+    from lmkit.api import run
+
+    common = ["model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.max_seq_len=256",
+              "trainer.val_batches=2", "trainer.progress_bar=false", "logger=none", "callbacks=[]"]
+    run([*common, "data.seq_len=128", "data.batch_size=16", "trainer.max_steps=300", "scheduler.warmup_steps=10",
+         "trainer.val_check_interval=300"], tmp_path / "pre")
+    run([*common, "+objective=sft", "experiment=sft", f"init_from={tmp_path / 'pre'}", "data.seq_len=256",
+         "objective.overlong=skip", "data.batch_size=8", "trainer.max_steps=150", "optimizer.lr=1e-3",
+         "trainer.val_check_interval=150"], tmp_path / "sft")
+    # held out: the last speeches of the corpus are in the validation split (the last 10% of the rows)
+    held = [s["prompt"] for s in shakespeare_speeches()[-120:] if len(s["prompt"]) + len(s["response"]) + 4 <= 256][-30:]
+    tuned = format_rate(tmp_path / "sft", held)
+    pretrained = max(format_rate(tmp_path / "pre", held), format_rate(tmp_path / "pre", held, plain=True))
+    print(f"format followed: sft {tuned:.2f}, pretrained only {pretrained:.2f}")
+    assert tuned >= 0.5 and pretrained <= 0.1
+
+
+def test_generate_writes_the_prompt_in_the_run_template(tmp_path, capsys, tiny):
+    """``lmkit generate`` on an SFT run feeds ``[NLU] template(prompt) [S2S]``, as in training."""
+    from lmkit.api import run
+    from lmkit.commands.generate import main
+    from lmkit.generation import GenerationOptions, generate_ids, load_for_generation
+    from lmkit.objectives.sft import run_format
+
+    template = "Speaker: {prompt}\nSpeech: "
+    run([*tiny, "+objective=sft", "trainer.max_steps=2", f"objective.template='{template}'", "data.seq_len=64",
+         "objective.overlong=skip"], tmp_path / "run")
+    assert run_format(tmp_path / "run").template == template
+    assert run_format(tmp_path / "run", template="{prompt}?").template == "{prompt}?"
+    model, tok, _ = load_for_generation(tmp_path / "run")
+    ids = [tok.special_id("[NLU]")] + tok.encode("Speaker: ROMEO\nSpeech: ") + [tok.special_id("[S2S]")]
+    _, (expected,) = generate_ids(model, ids, GenerationOptions(max_new_tokens=12, temperature=0), tokenizer=tok,
+                                  eos_id=tok.eos_id)
+    capsys.readouterr()
+    assert main([str(tmp_path / "run"), "prompt=ROMEO", "max_new_tokens=12", "temperature=0"]) == 0
+    assert capsys.readouterr().out == f"Speaker: ROMEO\nSpeech: {expected}\n"
+    assert main([str(tmp_path / "run"), "prompt=ROMEO", "max_new_tokens=12", "temperature=0", "raw=true"]) == 0
+    _, (plain,) = generate_ids(model, [tok.eos_id] + tok.encode("ROMEO"), GenerationOptions(max_new_tokens=12,
+                               temperature=0), tokenizer=tok, eos_id=tok.eos_id)
+    assert capsys.readouterr().out == f"ROMEO{plain}\n"
