@@ -185,6 +185,8 @@ def build_objective(loaded: LoadedModel):
 
     pm = get_plugin_manager()
     node = loaded.run_config.get("objective") if loaded.run_dir is not None else None
+    if node and node.get("name") == "distillation":  # a student is scored by its own LM loss, without its teacher
+        node = None
     if not node:
         node = {"name": DEFAULT_OBJECTIVES.get(loaded.architecture, "causal_lm")}
     cfg, component = _component_section(OmegaConf.create({}), pm, "objective", "objective",

@@ -290,3 +290,16 @@ def test_teacher_from_a_hugging_face_directory(teachers, tmp_path):
     batch = batch_of(a.objective)
     out_a, out_b = a.objective.loss(a.model, batch), b.objective.loss(b.model, batch)
     assert math.isclose(float(out_a.logs["kl"]), float(out_b.logs["kl"]), rel_tol=1e-4, abs_tol=1e-7)
+
+
+def test_evaluate_scores_a_student_without_its_teacher(teachers, tmp_path):
+    import shutil
+
+    from lmkit.evaluation.run import EvalOptions, evaluate
+
+    shutil.copytree(teachers["bert"], tmp_path / "teacher")
+    run(["+objective=distillation", f"objective.teacher={tmp_path / 'teacher'}", "model.n_layer=2",
+         "trainer.max_steps=2", "trainer.val_check_interval=2", *SMALL], tmp_path / "student")
+    shutil.rmtree(tmp_path / "teacher")
+    result = evaluate(tmp_path / "student", EvalOptions(max_tokens=1000))["corpus"]
+    assert result["method"].startswith("objective mlm") and math.isfinite(result["loss"])
