@@ -380,3 +380,14 @@ def test_generate_writes_the_prompt_in_the_run_template(tmp_path, capsys, tiny):
     _, (plain,) = generate_ids(model, [tok.eos_id] + tok.encode("ROMEO"), GenerationOptions(max_new_tokens=12,
                                temperature=0), tokenizer=tok, eos_id=tok.eos_id)
     assert capsys.readouterr().out == f"ROMEO{plain}\n"
+
+
+@pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny", "t5_tiny"])
+def test_every_kind_trains_from_the_command_line(model, tmp_path, tiny):
+    """+objective=sft composes with each kind (its needs met), trains on the built-in speeches, loss falls."""
+    from lmkit.api import run
+
+    summary = run([*tiny, f"model={model}", "+objective=sft", "data.seq_len=64", "objective.overlong=skip",
+                   "trainer.max_steps=3", "trainer.val_check_interval=3", "optimizer.lr=3e-3"], tmp_path)
+    start, end = summary["start"]["val/loss"], summary["end"]["val/loss"]
+    assert end < start, (start, end)
