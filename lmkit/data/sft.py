@@ -157,6 +157,13 @@ def write_speeches_jsonl(path, records: list[dict] | None = None) -> Path:
     return path
 
 
+def check_overlong(value) -> None:
+    """``objective.overlong``: error | skip | truncate."""
+    if value not in OVERLONG:
+        raise ConfigError(f"objective.overlong must be one of {', '.join(OVERLONG)}, got {value!r}."
+                          f"{did_you_mean(str(value), OVERLONG)}".rstrip("."))
+
+
 class SFTSource(Source):
     """SFT examples as a :class:`Source`: text documents (for tokenizer training) and packed rows.
 
@@ -170,9 +177,7 @@ class SFTSource(Source):
                  files: list[Path] | None = None):
         self.fmt, self.seq_len, self.val_fraction, self.overlong = fmt.check(), seq_len, val_fraction, overlong
         self.files = files  # None: the built-in corpus's speaker → speech pairs
-        if overlong not in OVERLONG:
-            raise ConfigError(f"objective.overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}."
-                              f"{did_you_mean(str(overlong), OVERLONG)}".rstrip("."))
+        check_overlong(overlong)
 
     def fingerprint(self) -> str:
         files = self.files if self.files is not None else [BUILTIN_CORPORA["tinyshakespeare"]]
@@ -196,7 +201,7 @@ class SFTSource(Source):
         from lmkit.data.cache import token_dtype
 
         rows, skipped = pack_rows((encode_example(tokenizer, turns, where) for where, turns in self.examples()),
-                                  self.seq_len, tokenizer.pad_id, self.overlong, tokenizer)
+                                  self.seq_len, tokenizer.pad_id, self.overlong, tokenizer.special_id(RESPONSE_MARK))
         if skipped:
             print(f"lmkit: sft: skipped {skipped} example(s) longer than data.seq_len={self.seq_len} tokens "
                   f"(objective.overlong=skip)", flush=True)
@@ -207,12 +212,11 @@ class SFTSource(Source):
             token_dtype(tokenizer.vocab_size))
 
 
-def encode_example(tokenizer, turns: Turns, where: str) -> tuple[str, np.ndarray, int]:
-    """``(where, ids, prompt_tokens)``: ``[NLU] prompt [S2S] response`` per turn, then ``<eos>``."""
+def encode_example(tokenizer, turns: Turns, where: str) -> tuple[str, np.ndarray]:
+    """``(where, ids)``: ``[NLU] prompt [S2S] response`` per turn, then ``<eos>``."""
     nlu, s2s, eos = tokenizer.special_id(PROMPT_MARK), tokenizer.special_id(RESPONSE_MARK), tokenizer.eos_id
     marks = np.array([nlu, s2s, eos, tokenizer.pad_id])
     parts: list[np.ndarray] = []
-    first_prompt = 0
     for prompt, response in turns:
         p = np.asarray(tokenizer.encode(prompt), dtype=np.int64)
         r = np.asarray(tokenizer.encode(response), dtype=np.int64)
@@ -221,25 +225,24 @@ def encode_example(tokenizer, turns: Turns, where: str) -> tuple[str, np.ndarray
                             f"<eos>, <pad> (the tokenizer reads it as that special token); remove it from the text.")
         if not r.size:
             raise DataError(f"{where}: the response encodes to no token; an SFT example needs a response.")
-        first_prompt = first_prompt or len(p) + 2
         parts += [np.array([nlu]), p, np.array([s2s]), r]
     parts.append(np.array([eos]))
-    return where, np.concatenate(parts), first_prompt
+    return where, np.concatenate(parts)
 
 
-def pack_rows(examples, row_len: int, pad_id: int, overlong: str, tokenizer=None) -> tuple[list[np.ndarray], int]:
-    """Whole examples, in order, into rows of ``row_len`` tokens (the tail of a row padded); ``(rows, skipped)``."""
+def pack_rows(examples, row_len: int, pad_id: int, overlong: str, s2s_id: int) -> tuple[list[np.ndarray], int]:
+    """Whole ``(where, ids)`` examples, in order, into rows of ``row_len`` tokens (the tail of a row padded);
+    returns ``(rows, skipped)``. ``s2s_id``: the response marker (truncation keeps at least one response token)."""
     rows: list[np.ndarray] = []
     current: list[np.ndarray] = []
     used = skipped = 0
-    s2s = tokenizer.special_id(RESPONSE_MARK) if tokenizer is not None else None
-    for where, ids, _ in examples:
+    for where, ids in examples:
         if len(ids) > row_len:
             if overlong == "skip":
                 skipped += 1
                 continue
             if overlong == "truncate":
-                last_s2s = np.flatnonzero(ids[:row_len] == s2s) if s2s is not None else np.array([0])
+                last_s2s = np.flatnonzero(ids[:row_len] == s2s_id)
                 if not last_s2s.size or last_s2s[-1] >= row_len - 1:
                     raise DataError(f"{where}: the prompt alone takes {row_len} tokens or more (data.seq_len="
                                     f"{row_len}), so no response token is left after truncation. Raise data.seq_len "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmkit.data.sft import OVERLONG, PROMPT_MARK, RESPONSE_MARK, SFTFormat, sft_source
+from lmkit.data.sft import PROMPT_MARK, RESPONSE_MARK, SFTFormat, check_overlong, sft_source
 from lmkit.errors import ConfigError
 from lmkit.models.layers import document_ids_from_separators
 from lmkit.objectives._common import add_decoder_inputs, check_open_unit, check_special_name, seq2seq_loss
@@ -60,8 +60,7 @@ class SFTConfig:
         check_chunked_ce(self.chunked_ce)
         check_open_unit("mask_prob", self.mask_prob, " (encoders: the share of response tokens masked, e.g. 0.7)")
         check_special_name("decoder_start_token", self.decoder_start_token)
-        if self.overlong not in OVERLONG:
-            raise ConfigError(f"objective.overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+        check_overlong(self.overlong)
         self.format()
 
     def format(self) -> SFTFormat:
