@@ -148,11 +148,13 @@ class Seq2SeqSFTCollator(Collator):
             ends = torch.nonzero(row == eos).flatten().tolist()
             start = 0
             for end in ends:
-                example = row[start:end + 1]
-                split = int(torch.nonzero(example == s2s).flatten()[-1]) + 1
+                example, start = row[start:end + 1], end + 1
+                marks = torch.nonzero(example == s2s).flatten()
+                if not len(marks):  # text without a response (a plain corpus scored by evaluate): nothing to learn
+                    continue
+                split = int(marks[-1]) + 1
                 sources.append(example[:split])
                 targets.append(example[split:])
-                start = end + 1
         if not sources:  # rows of padding only (the tail that aligns the validation split): nothing to learn
             sources, targets = [blocks[0, :1]], [torch.full((1,), IGNORE_INDEX, dtype=blocks.dtype)]
         input_ids = _pad(sources, self.pad_id)

@@ -391,3 +391,11 @@ def test_every_kind_trains_from_the_command_line(model, tmp_path, tiny):
                    "trainer.max_steps=3", "trainer.val_check_interval=3", "optimizer.lr=3e-3"], tmp_path)
     start, end = summary["start"]["val/loss"], summary["end"]["val/loss"]
     assert end < start, (start, end)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder", "encoder_decoder"])
+def test_rows_without_responses_have_no_targets(kind):
+    """Plain text (no markers: a corpus scored by evaluate) and padding rows give no target and no error."""
+    rows = torch.tensor([TOK.encode("plain text, no example") + [EOS] + [PAD] * 5, [PAD] * 28])
+    batch = objective(kind).make_collator()(rows, torch.Generator().manual_seed(0))
+    assert (batch["labels"] == IGNORE_INDEX).all()
