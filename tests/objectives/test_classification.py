@@ -334,3 +334,33 @@ def test_bad_classification_options(overrides, expected, tmp_path):
 def test_regression_on_an_encoder_decoder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="encoder or decoder head"):
         build(["+objective=classification", "model=t5_tiny", *SMALL, "objective.regression=true"], tmp_path / "run")
+
+
+# -- measured: does pretraining help? ---------------------------------------------------------------
+def _final_val(run_dir) -> dict:
+    rows = [r for r in csv.DictReader(open(run_dir / "logs" / "metrics.csv")) if r.get("val/acc")]
+    return {k: float(rows[-1][k]) for k in ("val/acc", "val/f1", "val/mcc", "val/loss")}
+
+
+@pytest.mark.slow
+def test_speaker_task_from_a_pretrained_run_vs_from_scratch(tmp_path, capsys):
+    """gpt_tiny: 400 steps of causal LM on the corpus, then 300 steps of the fine-tuning recipe on the
+    speaker task, vs the same 300 steps from a fresh initialisation. Numbers in docs/objectives.md."""
+    quiet = ["model=gpt_tiny", "data.seq_len=64", "trainer.progress_bar=false", "logger=csv", "callbacks=[]",
+             "trainer.validate_at_start=false"]
+    run(["+objective=causal_lm", *quiet, "data.batch_size=32", "trainer.max_steps=400", "trainer.val_check_interval=400",
+         "trainer.val_batches=4", "trainer.checkpoint_every_n_steps=400"], tmp_path / "pre")
+    tune = ["+objective=classification", "experiment=classification", *quiet, "trainer.max_steps=300",
+            "trainer.val_check_interval=300", "trainer.checkpoint_every_n_steps=300"]
+    run(tune, tmp_path / "scratch")
+    run([*tune, f"init_from={tmp_path / 'pre'}"], tmp_path / "pretrained")
+    scratch, pretrained = _final_val(tmp_path / "scratch"), _final_val(tmp_path / "pretrained")
+    with capsys.disabled():
+        print(f"\nspeaker task, val split: scratch {scratch}, pretrained {pretrained}")
+    records = speaker_records(BUILTIN_CORPORA["tinyshakespeare"].read_text())
+    val = records[len(records) - int(len(records) * 0.1):]
+    majority = max(Counter(r["label"] for r in val).values()) / len(val)  # always predicting one class
+    # at this scale pretraining barely helps (measured: acc 0.178 vs 0.175, macro F1 0.105 vs 0.080): both
+    # runs learn more than the majority class, neither by much; the comparison itself is reported, not asserted
+    for result in (scratch, pretrained):
+        assert result["val/acc"] > majority + 0.01 and result["val/mcc"] > 0.03, (result, majority)
