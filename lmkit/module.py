@@ -196,8 +196,10 @@ class LMModule(L.LightningModule):
         loss = self.val_loss.compute() / targets.clamp(min=1)
         summary = {"step": self.global_step, "val/loss": float(loss)}
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        nll = self.val_nll.compute()
-        if float(targets) > 0 and float(self.val_bytes.compute()) > 0:
+        # an objective without an LM likelihood (nll_sum None: distillation of an encoder) never updates these
+        has_nll = self.val_nll.update_called
+        nll = self.val_nll.compute() if has_nll else None
+        if has_nll and float(targets) > 0 and float(self.val_bytes.compute()) > 0:
             mean_nll = nll / targets
             ppl = torch.exp(mean_nll.clamp(max=30))
             self.log("val/ppl", ppl)
