@@ -88,8 +88,8 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        low = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # scaled at rank r: the cheap side
+        return F.linear(x, self.weight, self.bias) + F.linear(low, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha/r)·B·A`` [out, in]: what merging adds to ``weight``."""
