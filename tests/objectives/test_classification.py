@@ -342,7 +342,7 @@ def _final_val(run_dir) -> dict:
     return {k: float(rows[-1][k]) for k in ("val/acc", "val/f1", "val/mcc", "val/loss")}
 
 
-@pytest.mark.slow
+@pytest.mark.measure  # minutes; numbers in docs/objectives.md (python -m pytest -m measure)
 def test_speaker_task_from_a_pretrained_run_vs_from_scratch(tmp_path, capsys):
     """gpt_tiny: 400 steps of causal LM on the corpus, then 300 steps of the fine-tuning recipe on the
     speaker task, vs the same 300 steps from a fresh initialisation. Numbers in docs/objectives.md."""

@@ -336,7 +336,7 @@ def format_rate(path, prompts: list[str], plain: bool = False, budget: int = 200
     return ok / len(prompts)
 
 
-@pytest.mark.slow
+@pytest.mark.measure  # minutes; numbers in docs/objectives.md (python -m pytest -m measure)
 def test_sft_teaches_the_response_format(tmp_path):
     """Pretrain a tiny GPT on the corpus, then SFT it on speaker → speech pairs (experiment=sft, init_from):
     held-out speakers' responses follow the format far more often than the pretrained model's."""
