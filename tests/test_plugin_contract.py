@@ -282,6 +282,7 @@ OBJECTIVE_RUNS = {  # objective -> (default model's architecture kind, what its 
     "causal_lm": ("decoder", set()), "mlm": ("encoder", {"token_type_ids"}),
     "nsp": ("encoder", {"token_type_ids", "pooled"}), "sop": ("encoder", {"token_type_ids", "pooled"}),
     "span_bert": ("encoder", {"token_type_ids"}), "span_corruption": ("encoder_decoder", {"decoder_input_ids"}),
+    "electra": ("encoder", {"token_type_ids"}),
     "bart_denoising": ("encoder_decoder", {"decoder_input_ids"}), "ul2": ("encoder_decoder", {"decoder_input_ids"}),
     "prefix_lm": ("decoder", {"attn_mask"}), "prefix_lm_seq2seq": ("encoder_decoder", {"decoder_input_ids"}),
 }

@@ -22,6 +22,7 @@ def lmkit_register_objectives():
     from lmkit.objectives.causal_lm import CausalLM, CausalLMConfig
     from lmkit.objectives.classification import Classification, ClassificationConfig
     from lmkit.objectives.distillation import Distillation, DistillationConfig
+    from lmkit.objectives.electra import ELECTRA, ELECTRAConfig
     from lmkit.objectives.mlm import MLM, MLMConfig
     from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig, PrefixLMSeq2SeqConfig
     from lmkit.objectives.sentence_pair import NSPConfig, SentencePair, SOPConfig
@@ -42,6 +43,8 @@ def lmkit_register_objectives():
         objective("nsp", SentencePair, NSPConfig, "masked LM + next-sentence prediction (BERT)", "bert_tiny"),
         objective("sop", SentencePair, SOPConfig, "masked LM + sentence-order prediction (ALBERT)", "albert_tiny"),
         objective("span_bert", SpanBERT, SpanBERTConfig, "span masking + span boundary objective (SpanBERT)", "bert_tiny"),
+        objective("electra", ELECTRA, ELECTRAConfig, "replaced token detection with a small MLM generator (ELECTRA)",
+                  "bert_tiny"),
         objective("span_corruption", SpanCorruption, SpanCorruptionConfig, "span corruption with sentinels (T5)",
                   "t5_tiny"),
         objective("bart_denoising", BARTDenoising, BARTDenoisingConfig,
