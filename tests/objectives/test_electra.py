@@ -189,6 +189,28 @@ def test_albert_discriminator_trains_one_step():
     assert objective.generator.head.dense.weight.grad.abs().sum() > 0
 
 
+def test_discriminator_learns_to_find_an_untrained_generators_replacements():
+    """Against a frozen, untrained generator (near-uniform samples) the discriminator must beat the
+    base rate of its labels by far: its input really holds the samples, and its labels line up."""
+    _, model, objective, _ = setup()
+    objective.generator.requires_grad_(False)
+    params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    collate = objective.make_collator()
+    for step in range(40):
+        batch = collate(text_blocks(16, 62, seed=step), gen(step))
+        with torch.no_grad():
+            gen_logits = objective.generator_logits(model, batch)
+        disc = objective.discriminator_loss(model, batch, gen_logits)
+        opt.zero_grad()
+        disc["loss"].backward()
+        opt.step()
+    real, replaced = disc["real"], disc["replaced"]
+    acc = float((((disc["logits"] > 0).float() == replaced) & real).sum() / real.sum())
+    base = 1 - float(replaced[real].mean())  # always answering "original"
+    assert acc > base + 0.05, (acc, base)
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["objective.generator_size=1.5"], "a generator larger than the discriminator"),
     (["objective.generator_layers=2"], "a generator larger than the discriminator"),
