@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from lmkit.data.sources import (
-    BUILTIN_CORPORA, JsonlSource, Source, _json_type, _read_text, files_fingerprint,
+    BUILTIN_CORPORA, JsonlSource, Source, _json_type, files_fingerprint, jsonl_records,
 )
 from lmkit.errors import ConfigError, DataError, did_you_mean
 
@@ -36,7 +36,7 @@ OVERLONG = ("error", "skip", "truncate")
 _VERSION = "sft1"  # bump when the row layout changes (part of the cache key)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SFTFormat:
     """How records are read and how prompts are written (the ``sft`` objective's options)."""
 
@@ -66,12 +66,8 @@ class SFTFormat:
 Turns = list[tuple[str, str]]
 
 
-def record_turns(record, fmt: SFTFormat, where: str) -> Turns:
+def record_turns(record: dict, fmt: SFTFormat, where: str) -> Turns:
     """The turns of one record; ``where`` ("file:line") names it in errors."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: the line is a JSON {_json_type(record)}, not an object. Each line must be one "
-                        f"JSON object with '{fmt.prompt_field}' and '{fmt.response_field}' fields (or "
-                        f"'{fmt.messages_field}').")
     if fmt.messages_field in record:
         return _conversation_turns(record[fmt.messages_field], fmt, where)
     for key, field in (("response_field", fmt.response_field), ("prompt_field", fmt.prompt_field)):
@@ -123,14 +119,9 @@ def _string(value, field: str, where: str) -> str:
 
 def jsonl_examples(files: list[Path], fmt: SFTFormat) -> Iterator[tuple[str, Turns]]:
     """``("file:line", turns)`` of every record of the JSON-lines ``files``."""
+    wanted = f"'{fmt.prompt_field}' and '{fmt.response_field}' fields (or '{fmt.messages_field}')"
     for f in files:
-        for lineno, line in enumerate(_read_text(f).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg}). Each line must be one JSON object.") from None
+        for lineno, record in jsonl_records(f, wanted):
             yield f"{f}:{lineno}", record_turns(record, fmt, f"{f}:{lineno}")
 
 

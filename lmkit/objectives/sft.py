@@ -16,6 +16,7 @@ whole examples packed into ``data.seq_len`` tokens, ``[NLU] prompt [S2S] respons
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,9 @@ KINDS = ("decoder", "encoder", "encoder_decoder")
 
 
 @dataclass
-class SFTConfig:
-    """Options of ``sft``.
+class SFTConfig(SFTFormat):
+    """Options of ``sft``: how records are read and prompts written (the fields of
+    :class:`lmkit.data.sft.SFTFormat`), and the options below.
 
     Fields of a jsonl record: ``prompt_field``/``response_field`` (a pair), or
     ``messages_field`` (a list of ``{role_field: ..., content_field: ...}``; messages whose
@@ -44,13 +46,6 @@ class SFTConfig:
     """
 
     name: str = "sft"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-    role_field: str = "role"
-    content_field: str = "content"
-    response_role: str = "assistant"
-    template: str = "{prompt}\n"
     overlong: str = "error"
     mask_prob: float = 0.7
     decoder_start_token: str = "<pad>"  # encoder–decoders only (T5: <pad>; BART: <eos>)
@@ -61,11 +56,11 @@ class SFTConfig:
         check_open_unit("mask_prob", self.mask_prob, " (encoders: the share of response tokens masked, e.g. 0.7)")
         check_special_name("decoder_start_token", self.decoder_start_token)
         check_overlong(self.overlong)
-        self.format()
+        self.check()
 
     def format(self) -> SFTFormat:
-        return SFTFormat(self.prompt_field, self.response_field, self.messages_field, self.role_field,
-                         self.content_field, self.response_role, self.template).check()
+        """The record/prompt options alone (the cache key holds them, not the training options)."""
+        return SFTFormat(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SFTFormat)}).check()
 
 
 # -- which tokens are what (vectorized over [B, L] rows) ---------------------------------------------
