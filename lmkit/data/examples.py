@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from lmkit.data.cache import cache_writes, token_dtype
 from lmkit.data.datamodule import _SEED_STRIDE, LMDataModule, StepCollate
-from lmkit.data.sources import _paths, _read_text, files_fingerprint
+from lmkit.data.sources import _paths, _read_text, files_fingerprint, jsonl_records
 from lmkit.errors import ConfigError, DataError
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
@@ -59,19 +59,10 @@ def _rows(path: Path):
     if kind is None:
         raise DataError(f"'{path}': example files must be jsonl, csv or tsv ({', '.join(SUFFIXES)}), "
                         f"got '{path.suffix or path.name}'. Check data.path.")
-    text = _read_text(path)
     if kind == "json":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}). Each line of a jsonl file is one JSON object.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: a record must be a JSON object with named fields, got {type(row).__name__}")
-            yield n, row
+        yield from jsonl_records(path, "named fields")
         return
+    text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
     for row in reader:
         yield reader.line_num, {k: v for k, v in row.items() if k is not None}
