@@ -54,6 +54,19 @@ def _speeches(text: str) -> list[list[str]]:
     return out
 
 
+def _four_way(rnd: random.Random, true: str, draw) -> tuple[list[str], int]:
+    """``true`` and three distinct distractors from ``draw()`` (None: a rejected draw), shuffled; and the index
+    of ``true``."""
+    others: list[str] = []
+    while len(others) < 3:
+        candidate = draw()
+        if candidate is not None and candidate not in others:
+            others.append(candidate)
+    choices = others + [true]
+    rnd.shuffle(choices)
+    return choices, choices.index(true)
+
+
 def next_line_docs(text: str, n: int, seed: int, context_lines: int = 3) -> list[dict]:
     """Which of four lines continues the passage: the true next line and three from other speeches."""
     rnd = random.Random(seed)
@@ -63,14 +76,13 @@ def next_line_docs(text: str, n: int, seed: int, context_lines: int = 3) -> list
     for s in rnd.sample(speeches, min(n, len(speeches))):
         at = rnd.randrange(context_lines, len(s))
         true = s[at]
-        others = []
-        while len(others) < 3:
+
+        def other_line():
             line = rnd.choice(all_lines)
-            if line not in s and line not in others:
-                others.append(line)
-        choices = others + [true]
-        rnd.shuffle(choices)
-        docs.append({"context": "\n".join(s[at - context_lines:at]), "choices": choices, "answer": choices.index(true)})
+            return line if line not in s else None
+
+        choices, answer = _four_way(rnd, true, other_line)
+        docs.append({"context": "\n".join(s[at - context_lines:at]), "choices": choices, "answer": answer})
     return docs
 
 
@@ -88,16 +100,15 @@ def line_end_docs(text: str, n: int, seed: int, context_lines: int = 2, min_cut:
             continue
         cut = rnd.randrange(min_cut, len(line) - min_cut // 2)
         true = line[cut:]
-        others = []
-        while len(others) < 3:
+
+        def other_end():
             other = rnd.choice(all_lines)
             end = other[-len(true):]
-            if len(other) > len(true) and end != true and end not in others and other not in s:
-                others.append(end)
-        choices = others + [true]
-        rnd.shuffle(choices)
+            return end if len(other) > len(true) and end != true and other not in s else None
+
+        choices, answer = _four_way(rnd, true, other_end)
         context = "\n".join(s[at - context_lines:at] + [line[:cut]])
-        docs.append({"context": context, "choices": choices, "answer": choices.index(true)})
+        docs.append({"context": context, "choices": choices, "answer": answer})
     return docs
 
 
