@@ -421,13 +421,10 @@ def fill_mask(model, tokenizer, prompt: str, top_k: int = 5) -> list[list[tuple[
     return [[(tokenizer.decode([int(t)]), float(p)) for p, t in zip(ps, ts)] for ps, ts in zip(top.values, top.indices)]
 
 
-def load_for_generation(path, device=None, dtype=None, allow_encoders: bool = False):
-    """``(model, tokenizer, info)`` from an lmkit run directory or checkpoint, or a local HF directory.
-
-    ``info`` holds ``architecture`` and ``decoder_start_id`` (encoder–decoders), to pass on to
-    :func:`generate`. Encoders are refused unless ``allow_encoders`` (for :func:`fill_mask`). The run is read as export reads it (:func:`lmkit.interop.source.read_source`),
-    the HF directory by :func:`lmkit.interop.load_hf`.
-    """
+def read_model(path):
+    """``(model, tokenizer, info, source)`` from an lmkit run directory or checkpoint, or a local HF directory, on the
+    CPU, any kind of model. ``source``: the run's :class:`lmkit.interop.source.Source` (its objective heads, its
+    checkpoint), None for an HF directory. See :func:`load_for_generation`."""
     from pathlib import Path
 
     from lmkit.errors import CheckpointError
@@ -436,6 +433,7 @@ def load_for_generation(path, device=None, dtype=None, allow_encoders: bool = Fa
     if not p.exists():
         raise CheckpointError(f"'{path}' does not exist: give a run directory, a checkpoint or a Hugging Face "
                               f"model directory")
+    src = None
     if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         from lmkit.interop import load_hf
 
@@ -455,10 +453,22 @@ def load_for_generation(path, device=None, dtype=None, allow_encoders: bool = Fa
         start = None
         if arch in DEFAULT_DECODER_START:
             start = tokenizer.special_id(src.objective.get("decoder_start_token") or DEFAULT_DECODER_START[arch])
-    if model.kind not in ("decoder", "encoder_decoder") and not (allow_encoders and model.kind == "encoder"):
-        raise ConfigError(f"'{path}' holds a {arch} model, an encoder: it cannot generate text; generate needs a "
-                          f"decoder (gpt, llama) or an encoder-decoder (t5, bart), or fill_mask for an encoder")
     if tokenizer is None:
         raise ConfigError(f"'{path}' has no tokenizer lmkit can read")
+    return model, tokenizer, {"architecture": arch, "decoder_start_id": start}, src
+
+
+def load_for_generation(path, device=None, dtype=None, allow_encoders: bool = False):
+    """``(model, tokenizer, info)`` from an lmkit run directory or checkpoint, or a local HF directory.
+
+    ``info`` holds ``architecture`` and ``decoder_start_id`` (encoder–decoders), to pass on to
+    :func:`generate`. Encoders are refused unless ``allow_encoders`` (for :func:`fill_mask`). The run is read as export reads it (:func:`lmkit.interop.source.read_source`),
+    the HF directory by :func:`lmkit.interop.load_hf`.
+    """
+    model, tokenizer, info, _ = read_model(path)
+    if model.kind not in ("decoder", "encoder_decoder") and not (allow_encoders and model.kind == "encoder"):
+        raise ConfigError(f"'{path}' holds a {info['architecture']} model, an encoder: it cannot generate text; "
+                          f"generate needs a decoder (gpt, llama) or an encoder-decoder (t5, bart), or fill_mask for "
+                          f"an encoder")
     model.to(device=device or "cpu", dtype=dtype).eval()
-    return model, tokenizer, {"architecture": arch, "decoder_start_id": start}
+    return model, tokenizer, info

@@ -70,21 +70,15 @@ class LoadedModel:
 
 def load_model(path, device: str = "cpu") -> LoadedModel:
     """A run directory, a checkpoint or a local HF directory, in eval mode on ``device`` (any kind of model)."""
-    from lmkit.generation import load_for_generation
+    from lmkit.generation import read_model
 
-    p = Path(path)
-    model, tokenizer, info = load_for_generation(p, device=device, allow_encoders=True)
-    run_dir, raw, heads = None, {}, {}
-    if not ((p / "config.json").is_file() and not (p / "config.yaml").is_file()):
-        from omegaconf import OmegaConf
-
-        from lmkit.interop.source import load_weights, locate
-
-        run_dir, ckpt = locate(p)
-        raw = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-        if model.kind != "decoder":  # the objective's heads (an encoder or enc-dec is scored with its objective)
-            heads = {k[len("objective."):]: v for k, v in load_weights(ckpt).items() if k.startswith("objective.")}
-    return LoadedModel(model, tokenizer, info["architecture"], info["decoder_start_id"], run_dir, raw, heads)
+    model, tokenizer, info, src = read_model(path)
+    model.to(device).eval()
+    if src is None:  # an HF directory
+        return LoadedModel(model, tokenizer, info["architecture"], info["decoder_start_id"], None, {}, {})
+    heads = {k[len("objective."):]: v for k, v in src.head_state.items()}  # an encoder is scored with its objective
+    return LoadedModel(model, tokenizer, info["architecture"], info["decoder_start_id"], src.run_dir, src.run_config,
+                       heads)
 
 
 def corpus_tokens(loaded: LoadedModel, data_overrides: list[str], opts: EvalOptions):

@@ -23,6 +23,8 @@ class Source:
     tokenizer: object
     objective: dict  # the run's objective section (name, decoder_start_token, ...)
     checkpoint: Path
+    run_dir: Path
+    run_config: dict  # the run's whole config.yaml, resolved
 
 
 def _newest_checkpoint(run_dir: Path) -> Path:
@@ -118,5 +120,5 @@ def read_source(path) -> Source:
     if not tok_path.is_file():
         raise CheckpointError(f"'{run_dir}' has no tokenizer.json (written with config.yaml when the run starts)")
     tokenizer = load_tokenizer_file(tok_path)
-    return Source(family.name, cfg, model_state, head_state, tokenizer, raw.get("objective") or {}, ckpt)
+    return Source(family.name, cfg, model_state, head_state, tokenizer, raw.get("objective") or {}, ckpt, run_dir, raw)
 
