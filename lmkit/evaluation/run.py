@@ -193,11 +193,11 @@ def build_objective(loaded: LoadedModel):
     return objective, component.name
 
 
-def run_tasks(loaded: LoadedModel, opts: EvalOptions) -> dict:
+def run_tasks(loaded: LoadedModel, tasks: list, opts: EvalOptions) -> dict:
+    """Each of ``tasks`` (loaded :class:`lmkit.evaluation.tasks.Task`) scored under the model."""
     from lmkit.evaluation.scorer import Scorer
-    from lmkit.evaluation.tasks import check_task_fits, evaluate_task, load_task
+    from lmkit.evaluation.tasks import check_task_fits, evaluate_task
 
-    tasks = [load_task(t) for t in opts.tasks]  # every task file is read before the first is scored
     for task in tasks:
         check_task_fits(task, loaded.model.kind)
     scorer = Scorer(loaded.model, loaded.tokenizer, loaded.architecture, loaded.decoder_start_id,
@@ -216,11 +216,9 @@ def evaluate(model_path, opts: EvalOptions | None = None, data_overrides: list[s
     opts = (opts or EvalOptions()).check()
     from lmkit.commands.generate import _device
 
-    if opts.tasks:
-        from lmkit.evaluation.tasks import load_task
+    from lmkit.evaluation.tasks import load_task
 
-        for t in opts.tasks:  # a misspelled task fails before the model is read
-            load_task(t)
+    tasks = [load_task(t) for t in opts.tasks]  # a misspelled or malformed task fails before the model is read
     loaded = load_model(model_path, _device(opts.device))
     results = {"model": str(model_path), "architecture": loaded.architecture, "kind": loaded.model.kind,
                "run_dir": None if loaded.run_dir is None else str(loaded.run_dir)}
@@ -229,7 +227,7 @@ def evaluate(model_path, opts: EvalOptions | None = None, data_overrides: list[s
         tokens, info = corpus_tokens(loaded, data_overrides or [], opts)
         results["corpus"] = {**info, **score_corpus(loaded, tokens, info, opts)}
     if opts.tasks:
-        results["tasks"] = run_tasks(loaded, opts)
+        results["tasks"] = run_tasks(loaded, tasks, opts)
         results["num_fewshot"] = opts.num_fewshot
     return results
 
