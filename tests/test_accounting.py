@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -184,8 +184,8 @@ def main() -> None:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     print(f"{args.model}, batch {args.batch} x {args.seq} tokens, AdamW, {args.device} ({args.threads} threads), "
           f"{platform.machine()}, {os.cpu_count()} cores")
-    print(f"| variant | trainable | optimizer state MiB | grads MiB | saved activations MiB | train state MiB | "
-          f"peak MiB | step s | tokens/s |")
+    print("| variant | trainable | optimizer state MiB | grads MiB | saved activations MiB | train state MiB | "
+          "peak MiB | step s | tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         rel = f" ({r['step_s'] / full['step_s']:.2f}x)" if full else ""

@@ -12,7 +12,7 @@ import torch
 from objective_helpers import byte_tokenizer, tiny_model
 
 from lmkit.api import build, run
-from lmkit.data.examples import ExampleDataModule, RecordFields
+from lmkit.data.examples import ExampleDataModule
 from lmkit.data.sources import BUILTIN_CORPORA
 from lmkit.data.speakers import build_speaker_task, speaker_records
 from lmkit.errors import ConfigError, DataError
