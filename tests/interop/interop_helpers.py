@@ -60,3 +60,16 @@ def same_state(a: dict, b: dict, skip: tuple[str, ...] = ()) -> list[str]:
     """Names whose tensors differ (bit for bit) or exist on one side only."""
     keys = {k for k in set(a) | set(b) if not k.startswith(skip)}
     return sorted(k for k in keys if k not in a or k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]))
+
+
+def first_val_loss_gap(built, hf_dir) -> float:
+    """|lmkit's loss - the HF causal LM's loss| on the first validation micro-batch of a built run (``lmkit.api.build``)."""
+    dm, module = built.datamodule, built.module
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))["micro_batches"][0]
+    module.eval()
+    with torch.no_grad():
+        out = module.objective.loss(module.model, batch)
+        logits = hf_model(hf_dir, "AutoModelForCausalLM")(input_ids=batch["input_ids"]).logits
+        hf_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    return abs(out.loss_sum / out.n_targets - hf_loss).item()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from interop_helpers import hf_model, same_state, transformers  # noqa: F401  (offline transformers)
+from interop_helpers import first_val_loss_gap, same_state, transformers  # noqa: F401  (offline transformers)
 from lmkit_test_utils import TINY
 
 import lmkit.api
@@ -32,16 +32,7 @@ def test_first_validation_loss_equals_the_hf_models_loss(trained, tmp_path, caps
     said = capsys.readouterr().out
     assert f"lmkit: init_from: loaded 16 tensors from {hf_dir}; optimizer, schedule and data start fresh" in said
     assert "initialised fresh" not in said and "sizes come from" not in said  # the same tiny sizes
-    dm, module = built.datamodule, built.module
-    dm.setup("fit")
-    batch = next(iter(dm.val_dataloader()))["micro_batches"][0]
-    module.eval()
-    with torch.no_grad():
-        out = module.objective.loss(module.model, batch)
-        hf = hf_model(hf_dir, "AutoModelForCausalLM")
-        logits = hf(input_ids=batch["input_ids"]).logits
-        hf_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-    assert abs(out.loss_sum / out.n_targets - hf_loss).item() < 1e-5
+    assert first_val_loss_gap(built, hf_dir) < 1e-5
 
 
 def test_init_from_an_lmkit_run_takes_its_sizes_and_weights(trained, tmp_path, capsys):
