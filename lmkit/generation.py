@@ -397,10 +397,15 @@ def generate(model, tokenizer, prompts, *, decoder_start_id: int | None = None, 
 def fill_mask(model, tokenizer, prompt: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """Encoders (bert, albert): the ``top_k`` most likely tokens, as ``(text, probability)``, at each
     ``[MASK]`` of ``prompt``, left to right. The prompt is framed as in MLM training: ``[CLS] prompt [SEP]``.
+    A two-stream model (XLNet) predicts each ``[MASK]`` as a PLM target that sees the prompt's other tokens
+    (not the other ``[MASK]``s), unframed as in PLM training.
     """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ConfigError(f"top_k={top_k!r}: fill-mask needs a whole number >= 1")
-    ids = [tokenizer.special_id("[CLS]")] + encode_text(tokenizer, prompt) + [tokenizer.special_id("[SEP]")]
+    two_stream = callable(getattr(model, "two_stream", None))  # XLNet: no framing, [MASK]s are PLM targets
+    ids = encode_text(tokenizer, prompt)
+    if not two_stream:
+        ids = [tokenizer.special_id("[CLS]")] + ids + [tokenizer.special_id("[SEP]")]
     where = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
     if not where:
         raise ConfigError("fill-mask needs [MASK] in the prompt (e.g. prompt=\"To be or [MASK] to be\")")
@@ -413,7 +418,11 @@ def fill_mask(model, tokenizer, prompt: str, top_k: int = 5) -> list[list[tuple[
     model.eval()
     try:
         with torch.no_grad():
-            hidden = model(x, token_type_ids=torch.zeros_like(x))
+            if two_stream:  # every [MASK] predicted from its query stream over the unmasked tokens only
+                targets = x == tokenizer.mask_id
+                hidden = model.two_stream(x, torch.where(targets, 0, -1), targets)
+            else:
+                hidden = model(x, token_type_ids=torch.zeros_like(x))
             probs = model.logits(hidden[0, where]).float().softmax(-1)
     finally:
         model.train(was_training)

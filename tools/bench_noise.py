@@ -5,7 +5,8 @@ For each noise function this times, on the same inputs in one run, (a) the vecto
 Python port of the reference algorithm (written below, close to the original code: BERT's
 ``create_masked_lm_predictions``, T5's ``random_spans_noise_mask`` + sentinel filters,
 SpanBERT's ``PairWithSpanMaskingScheme.mask``, fairseq's ``DenoisingDataset``, T5's
-prefix split with a dense per-example mask, UL2's per-example denoiser choice), and prints
+prefix split with a dense per-example mask, UL2's per-example denoiser choice, XLNet's
+``_sample_mask`` + ``_local_perm``), and prints
 sequences per second. The reference ports are also used by the tests to compare
 distributions.
 
@@ -31,6 +32,7 @@ from lmkit.noise import (  # noqa: E402
     UL2_DENOISERS, NoiseVocab, bart_noise, mlm_mask, prefix_lm, random_spans_helper, span_corruption,
     spanbert_mask, ul2_denoise,
 )
+from lmkit.noise.plm import plm_noise, two_stream_masks  # noqa: E402
 from lmkit.noise.spanbert import span_length_pmf  # noqa: E402
 
 
@@ -268,6 +270,42 @@ def ref_ul2(row, rng, vocab: NoiseVocab, denoisers=UL2_DENOISERS):
     return {"input_ids": np.concatenate([[mode], out["input_ids"]]), "labels": out["labels"]}
 
 
+def ref_plm(row, rng, vocab: NoiseVocab, k=6.0, max_gram=5, alpha=6):
+    """XLNet ``_sample_mask`` (every token a word start) + ``_local_perm`` (perm_size = L), one row.
+
+    Returns the targets, the query-stream mask ``perm_mask`` [L, L] (True = may NOT attend, as
+    the reference) and the labels."""
+    special = vocab.special_table.numpy()
+    seg_len = len(row)
+    goal = max(1, int(round(seg_len / k)))
+    mask = np.zeros(seg_len, dtype=bool)
+    ngrams = np.arange(1, max_gram + 1)
+    pvals = 1.0 / ngrams
+    pvals /= pvals.sum()
+    num_predict, cur_len = 0, 0
+    while cur_len < seg_len and num_predict < goal:
+        n = min(int(rng.choice(ngrams, p=pvals)), goal - num_predict)
+        ctx_size = n * alpha
+        l_ctx = int(rng.integers(ctx_size)) if ctx_size else 0
+        beg = cur_len + l_ctx
+        end = beg + n
+        if end >= seg_len:
+            break
+        mask[beg:end] = True
+        num_predict += end - beg
+        cur_len = end + ctx_size - l_ctx
+    mask &= ~special[row]
+    while mask.sum() < min(goal, int((~special[row]).sum())):
+        i = int(rng.integers(seg_len))
+        if not special[row[i]]:
+            mask[i] = True
+    index = rng.permutation(seg_len)
+    rev_index = np.where(mask, index, -1)
+    self_rev_index = np.where(mask, rev_index, rev_index + 1)
+    perm_mask = (self_rev_index[:, None] <= rev_index[None, :]) & mask[None, :]
+    return {"target_mask": mask, "perm_mask": perm_mask, "labels": np.where(mask, row, -100)}
+
+
 # ============================== benchmark ===================================================
 def make_inputs(batch: int, length: int, vocab: NoiseVocab, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -330,6 +368,12 @@ def run(batch: int, length: int, min_time: float) -> list[dict]:
             lambda: [ref_prefix_lm(tok_np[i], rng) for i in range(batch)]),
         "prefix_lm (collator: prefix_len, mask built on device)": (
             lambda: prefix_lm(tokens, gen, vocab, dense_mask=False),
+            None),
+        "plm (n-gram targets + order + [L,L] two-stream masks)": (
+            lambda: two_stream_masks(plm_noise(tokens, gen, vocab)["perm_ranks"]),
+            lambda: [ref_plm(tok_np[i], rng, vocab) for i in range(batch)]),
+        "plm (collator: targets + order, masks built on device)": (
+            lambda: plm_noise(tokens, gen, vocab),
             None),
         f"ul2 (7 denoisers, L={raw_len})": (
             lambda: ul2_denoise(t5_tokens, gen, vocab),

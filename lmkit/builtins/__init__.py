@@ -24,6 +24,7 @@ def lmkit_register_objectives():
     from lmkit.objectives.distillation import Distillation, DistillationConfig
     from lmkit.objectives.electra import ELECTRA, ELECTRAConfig
     from lmkit.objectives.mlm import MLM, MLMConfig
+    from lmkit.objectives.plm import PLM, PLMConfig
     from lmkit.objectives.prefix_lm import PrefixLM, PrefixLMConfig, PrefixLMSeq2SeqConfig
     from lmkit.objectives.sentence_pair import NSPConfig, SentencePair, SOPConfig
     from lmkit.objectives.sft import SFT, SFTConfig
@@ -45,6 +46,8 @@ def lmkit_register_objectives():
         objective("span_bert", SpanBERT, SpanBERTConfig, "span masking + span boundary objective (SpanBERT)", "bert_tiny"),
         objective("electra", ELECTRA, ELECTRAConfig, "replaced token detection with a small MLM generator (ELECTRA)",
                   "bert_tiny"),
+        objective("plm", PLM, PLMConfig, "permutation LM with two-stream attention, n-gram targets (XLNet)",
+                  "xlnet_tiny"),
         objective("span_corruption", SpanCorruption, SpanCorruptionConfig, "span corruption with sentinels (T5)",
                   "t5_tiny"),
         objective("bart_denoising", BARTDenoising, BARTDenoisingConfig,
@@ -71,6 +74,7 @@ def lmkit_register_architectures():
     from lmkit.models.gpt import GPT, GPTConfig
     from lmkit.models.llama import Llama, LlamaConfig
     from lmkit.models.t5 import T5, T5Config
+    from lmkit.models.xlnet import XLNet, XLNetConfig
 
     def arch(cls):  # kind and capabilities (lmkit.models.base.CAPABILITIES) come from the class
         return {"kind": cls.kind, "accepts": cls.accepts}
@@ -82,6 +86,8 @@ def lmkit_register_architectures():
                   meta=arch(ALBERT)),
         Component("t5", T5, T5Config, "T5 encoder-decoder: RMSNorm, relative position buckets", meta=arch(T5)),
         Component("bart", BART, BARTConfig, "BART encoder-decoder: learned positions, post-LN", meta=arch(BART)),
+        Component("xlnet", XLNet, XLNetConfig, "XLNet: Transformer-XL backbone, relative segments, two-stream attention",
+                  meta=arch(XLNet)),
         Component("llama", Llama, LlamaConfig, "Llama decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention",
                   meta=arch(Llama)),
     ]

@@ -67,6 +67,7 @@ CAPABILITIES: dict[str, str] = {
     "document_ids": "per-token document ids [B, T] that keep attention inside each packed document",
     "decoder_input_ids": "the decoder inputs (and decoder_padding_mask) of an encoder-decoder",
     "pooled": "a pooled() sentence representation for sentence-level heads",
+    "two_stream": "XLNet's two-stream attention, two_stream(input_ids, perm_ranks, target_mask) (permutation LM)",
 }
 
 #: Forward keyword arguments that stand for a capability (``pooled`` is a method instead).
