@@ -110,8 +110,8 @@ def test_incompatible_pair_suggests_model_presets_not_family_names():
     with pytest.raises(ConfigError) as e:
         load_run_config(["+objective=mlm", "model=t5_tiny"])
     msg = str(e.value)
-    assert ("choose a model= preset that fits: albert_base, albert_tiny, bert_base, bert_large, bert_tiny "
-            "(architectures: albert, bert)") in msg
+    assert ("choose a model= preset that fits: albert_base, albert_tiny, bert_base, bert_large, bert_tiny, "
+            "xlnet_base, xlnet_tiny (architectures: albert, bert, xlnet)") in msg
     assert "Drop model= to get its default (model=bert_tiny)" in msg
 
 
