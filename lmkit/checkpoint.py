@@ -260,7 +260,7 @@ def check_lmkit_state(checkpoint, path) -> None:
 
 
 #: entries of LMDataModule.fingerprint that decide the data order; the others only explain a corpus change
-DATA_KEYS = ("corpus", "tokenizer", "seed", "data.seq_len", "data.val_fraction")
+DATA_KEYS = ("corpus", "tokenizer", "seed", "data.seq_len", "data.val_fraction", "data.seq_len_schedule")
 
 
 def check_same_data(saved: dict | None, current: dict, path, allow_change: bool = False) -> str | None:

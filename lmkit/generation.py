@@ -454,9 +454,9 @@ def read_model(path):
         from lmkit.interop.families import family_of
         from lmkit.interop.source import read_source
 
-        src = read_source(p)
-        family = family_of(src.architecture)
-        model = family.model_cls(src.config)
+        registered = _registered_run(p)  # an architecture without a Hugging Face family (transformer_xl)
+        src, model_cls = registered if registered is not None else (read_source(p), None)
+        model = (model_cls or family_of(src.architecture).model_cls)(src.config)
         model.load_state_dict(src.model_state)
         tokenizer, arch = src.tokenizer, src.architecture
         start = None
@@ -465,6 +465,37 @@ def read_model(path):
     if tokenizer is None:
         raise ConfigError(f"'{path}' has no tokenizer lmkit can read")
     return model, tokenizer, {"architecture": arch, "decoder_start_id": start}, src
+
+
+def _registered_run(path):
+    """``(Source, model class)`` of an lmkit run whose architecture has no Hugging Face family (it cannot be
+    exported, e.g. transformer_xl), read through the architecture registry as :func:`read_source` reads the
+    others; None for an exportable or unknown architecture (:func:`read_source` then reads or refuses it)."""
+    from omegaconf import OmegaConf
+
+    from lmkit.adapters import merged_model_state
+    from lmkit.interop.families import MODULES
+    from lmkit.interop.source import Source, load_weights, locate, model_config
+    from lmkit.plugins import get_plugin_manager
+    from lmkit.tokenizers.trained import load_tokenizer_file
+
+    run_dir, ckpt = locate(path)
+    raw = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    node = raw.get("model") or {}
+    name = str(node.get("name"))
+    registry = get_plugin_manager().registries["architecture"]
+    if name in MODULES or name not in registry.names():
+        return None
+    component = registry.get(name)
+    state = load_weights(ckpt)
+    model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    cfg = model_config(node, model_state, component.config_cls)
+    model_state = merged_model_state(node, component.factory, cfg, model_state)
+    tok_path = run_dir / "tokenizer.json"
+    tokenizer = load_tokenizer_file(tok_path) if tok_path.is_file() else None
+    head_state = {k: v for k, v in state.items() if k.startswith("objective.")}
+    return Source(name, cfg, model_state, head_state, tokenizer, raw.get("objective") or {}, ckpt, run_dir,
+                  raw), component.factory
 
 
 def load_for_generation(path, device=None, dtype=None, allow_encoders: bool = False):

@@ -117,7 +117,11 @@ class LMModule(L.LightningModule):
         micro_batches = batch["micro_batches"]
         self.data_steps += 1
         self._aux_logs: dict[str, torch.Tensor] = {}
-        loss_sum, local_targets = self.forward_backward(micro_batches)
+        self._set_memory_mode("train")  # recurrence memories continue the training stream during the step only
+        try:
+            loss_sum, local_targets = self.forward_backward(micro_batches)
+        finally:
+            self._set_memory_mode(None)
         self.last_step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
         step_loss = loss_sum / local_targets.clamp(min=1)
         if self._nonfinite_on_any_rank(step_loss):
@@ -178,6 +182,23 @@ class LMModule(L.LightningModule):
             )
         return None
 
+    # -- recurrence memory --------------------------------------------------------
+    def _set_memory_mode(self, mode: str | None, reset: bool = False) -> None:
+        """Set the mode of every sub-module's ``stream_memory`` (lmkit.models.memory); reset: empty it first.
+
+        "train" during training steps, "val" during validation (fresh at each validation epoch), None
+        otherwise: evaluation, generation, scoring and callbacks between steps see a stateless model.
+        """
+        for module in self.model.modules():
+            memory = getattr(module, "stream_memory", None)
+            if memory is not None:
+                if reset and mode is not None:
+                    memory.reset(mode)
+                memory.mode = mode
+
+    def on_validation_epoch_start(self):
+        self._set_memory_mode("val", reset=True)
+
     # -- validation ---------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         for mb in batch["micro_batches"]:
@@ -192,6 +213,7 @@ class LMModule(L.LightningModule):
                 self.val_bytes.update(out.n_bytes.float())
 
     def on_validation_epoch_end(self):
+        self._set_memory_mode(None)
         targets = self.val_targets.compute()
         loss = self.val_loss.compute() / targets.clamp(min=1)
         summary = {"step": self.global_step, "val/loss": float(loss)}

@@ -67,6 +67,9 @@ def build_model(run: RunConfig, tokenizer, pm):
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); set model.vocab_size=null to take the tokenizer's size.")
     model = run.model_component.factory(model_cfg)
+    set_chars = getattr(model, "set_token_chars", None)  # a character-level input (ELMo's char CNN) reads the tokens
+    if callable(set_chars):
+        set_chars(tokenizer)
     pm.configure_model(model=model, run=run)
     if getattr(model_cfg, "compile", False):
         compile_model(model, run.trainer.compile_backend, run.trainer.compile_mode)
@@ -246,9 +249,14 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     )
     if ckpt_path is not None:
         check_checkpoint_fits(module, ckpt_path)
+    if getattr(model, "stream_order", False) and datamodule is not None:  # its own records: no stream to follow
+        raise ConfigError(f"model.memory_len={getattr(model, 'memory_len', '?')}: the recurrence memory needs the "
+                          f"packed text stream, but objective '{run.objective_component.name}' serves separate "
+                          f"examples; set model.memory_len=0")
     if datamodule is None:
         datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
-                                  run.trainer.val_batches, data_steps=lambda: module.data_steps)
+                                  run.trainer.val_batches, data_steps=lambda: module.data_steps,
+                                  stream_order=getattr(model, "stream_order", False))  # recurrence memory
     datamodule.prepare()
     module.data_fingerprint = datamodule.fingerprint()  # saved in checkpoints, compared on resume
     if ckpt_path is not None:

@@ -56,6 +56,22 @@ def test_analytic_count_equals_the_built_models(name):
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_banded_layers_count_their_window_not_the_sequence(arch):
+    """alternating_local: odd layers attend to W keys, so their attention term is 12·H·Q·W, not 12·H·Q·T."""
+    import dataclasses
+
+    component, dense_cfg = _preset(f"{arch}_tiny")
+    cfg = dataclasses.replace(dense_cfg, attention="alternating_local", attention_window=16)
+    counted = flops_from_config(cfg)
+    assert counted == flops_from_model(component.factory(cfg))
+    assert (counted.banded_layers, counted.window) == (cfg.n_layer // 2, 16)
+    dense = flops_from_config(dense_cfg)
+    T = 128
+    assert dense.per_token(T) - counted.per_token(T) == 12 * cfg.d_model * (cfg.n_layer // 2) * (T - 16)
+    assert dense.per_token(8) == counted.per_token(8)  # a window longer than the sequence bands nothing
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_6n_plus_attention_matches_measured_matmul_flops(arch):
     """FlopCounterMode over forward + backward (SDPA's math path, so the attention matmuls are counted):
     measured = analytic - 6 x (bias and norm parameters), which add or scale but never multiply a matrix.

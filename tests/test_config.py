@@ -111,7 +111,7 @@ def test_incompatible_pair_suggests_model_presets_not_family_names():
         load_run_config(["+objective=mlm", "model=t5_tiny"])
     msg = str(e.value)
     assert ("choose a model= preset that fits: albert_base, albert_tiny, bert_base, bert_large, bert_tiny, "
-            "xlnet_base, xlnet_tiny (architectures: albert, bert, xlnet)") in msg
+            "elmo_base, elmo_small, elmo_tiny, xlnet_base, xlnet_tiny (architectures: albert, bert, elmo, xlnet)") in msg
     assert "Drop model= to get its default (model=bert_tiny)" in msg
 
 

@@ -69,6 +69,23 @@ def test_time_at_an_assumed_mfu_and_tokens_from_steps(capsys):
     assert "world average" in out
 
 
+def test_a_sequence_length_schedule_counts_each_phase_at_its_length(capsys):
+    """BERT: 90% of the steps at 128 tokens, the rest at 512; FLOPs per token differ by phase (attention)."""
+    from lmkit.accounting import flops_from_config
+    from lmkit.api import load_run_config
+
+    args = ["model=gpt_tiny", "data.seq_len=256", "trainer.max_steps=1000", "data.batch_size=8"]
+    schedule = ["data.seq_len_schedule=[{until_step: 900, seq_len: 64}]"]
+    rc, out, err = _estimate(args + schedule + ["hardware=h100", "mfu=0.5", "pue=1.0"], capsys)
+    assert rc == 0, err
+    short, long = 900 * 8 * 64, 100 * 8 * 256
+    assert _value(out, "tokens").startswith(f"{short + long:.4g}") and "each phase" in out
+    f = flops_from_config(load_run_config(args).model, vocab_size=266)
+    flops = short * f.per_token(64) + long * f.per_token(256)
+    assert _value(out, "training FLOPs").startswith(f"{flops:.4g}")
+    assert f.per_token(64) < f.per_token(256)
+
+
 @pytest.mark.parametrize("args, message", [
     (["hardware=h10"], "unknown hardware 'h10'. Did you mean 'h100'?"),
     (["hardware=h100", "mfu=-0.2"], "mfu=-0.2 must be a number > 0 and <= 1"),

@@ -29,6 +29,9 @@ class Plan:
     hours: float | None = None
     power_w: float | None = None
     decoder_len: int | None = None
+    #: ``((tokens, seq_len), ...)`` of a run whose sequence length changes (``data.seq_len_schedule``);
+    #: None = all ``tokens`` at ``seq_len``
+    phases: tuple[tuple[float, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,13 @@ def estimate(plan: Plan) -> Estimate:
     """FLOPs ``(6N + attention)·D``, time ``FLOPs / (devices · peak · MFU)``, energy ``power · devices · time``,
     facility energy ``× PUE`` and CO2e ``× carbon intensity``."""
     f = plan.flops
-    dec_len = plan.decoder_len or plan.seq_len
-    dec_tokens = plan.tokens * dec_len / plan.seq_len if f.decoder_layers else 0
-    flops = plan.tokens * f.per_token(plan.seq_len)
-    if dec_tokens:
-        flops += dec_tokens * f.per_decoder_token(dec_len, plan.seq_len)
+    flops = dec_tokens = 0.0
+    for tokens, seq_len in plan.phases or ((plan.tokens, plan.seq_len),):
+        dec_len = plan.decoder_len or seq_len
+        flops += tokens * f.per_token(seq_len)
+        if f.decoder_layers:
+            dec_tokens += tokens * dec_len / seq_len
+            flops += tokens * dec_len / seq_len * f.per_decoder_token(dec_len, seq_len)
     peak = plan.accelerator.peak(plan.precision)
     if plan.hours is not None:
         seconds = plan.hours * 3600

@@ -8,7 +8,8 @@ counts what one token activates (``top_k`` experts and the router). The [CLS] po
 once per sequence, not per token, and is left out. Each such parameter costs 2 FLOPs per
 token forward and 4 backward: ``6N``. Attention adds ``12·L·H·Q·T`` (scores and the
 weighted sum, 4·H·Q·T forward per layer, times 3 with the backward; causal attention is
-counted over all T keys, as PaLM's MFU does). Encoder–decoders count their two sides:
+counted over all T keys, as PaLM's MFU does; a locally banded layer of ``alternating_local`` over
+its W keys). Encoder–decoders count their two sides:
 an encoder token ``6·N_enc + 12·L_enc·H·Q·S``, a decoder token ``6·N_dec + 12·L_dec·H·Q·(T + S)``
 (self-attention over T decoder positions, cross-attention over S encoder positions); the
 cross-attention key/value projections run on encoder tokens, so they belong to ``N_enc``.
@@ -43,6 +44,9 @@ class FlopsModel:
     width: int
     decoder_params: int = 0
     decoder_layers: int = 0
+    #: self-attention layers (of ``layers``) that see only the last ``window`` keys (``alternating_local``)
+    banded_layers: int = 0
+    window: int = 0
 
     @property
     def total_params(self) -> int:
@@ -50,8 +54,10 @@ class FlopsModel:
         return self.params + self.decoder_params
 
     def per_token(self, seq_len: int) -> float:
-        """FLOPs of one (encoder-side) token in a sequence of ``seq_len``: ``6N + 12·L·H·Q·T``."""
-        return 6.0 * self.params + 12.0 * self.layers * self.width * seq_len
+        """FLOPs of one (encoder-side) token in a sequence of ``seq_len``: ``6N + 12·L·H·Q·T``; a banded
+        layer counts ``min(W, T)`` keys instead of ``T``."""
+        keys = (self.layers - self.banded_layers) * seq_len + self.banded_layers * min(self.window, seq_len)
+        return 6.0 * self.params + 12.0 * self.width * keys
 
     def per_decoder_token(self, decoder_len: int, memory_len: int) -> float:
         """FLOPs of one decoder token: ``6·N_dec + 12·L_dec·H·Q·(T + S)`` (0 without a decoder)."""
@@ -129,7 +135,9 @@ def flops_from_model(model: nn.Module) -> FlopsModel:
     decoder_blocks = [b for b in blocks if getattr(b, "cross_attn", None) is not None]
     if getattr(model, "kind", None) != "encoder_decoder" or not decoder_blocks:
         n = sum(_active_params(b) for b in blocks) + enc_extra + dec_extra + head_params
-        return FlopsModel(getattr(model, "kind", "decoder"), n, len(blocks), width)
+        windows = [w for w in (getattr(getattr(b, "attn", None), "window", None) for b in blocks) if w]
+        return FlopsModel(getattr(model, "kind", "decoder"), n, len(blocks), width,
+                          banded_layers=len(windows), window=max(windows, default=0))
     encoder_blocks = [b for b in blocks if getattr(b, "cross_attn", None) is None]
     kv = sum(_cross_kv(b) for b in decoder_blocks)
     n_enc = sum(_active_params(b) for b in encoder_blocks) + enc_extra + kv
@@ -141,6 +149,13 @@ def flops_from_model(model: nn.Module) -> FlopsModel:
 
 def _linear(d_in: int, d_out: int, bias: bool) -> int:
     return d_in * d_out + (d_out if bias else 0)
+
+
+def _banded(cfg) -> dict:
+    """``banded_layers``/``window`` of a decoder config with ``attention=alternating_local`` (odd layers banded)."""
+    if getattr(cfg, "attention", "dense") != "alternating_local":
+        return {}
+    return {"banded_layers": int(cfg.n_layer) // 2, "window": int(cfg.attention_window)}
 
 
 def _moe_fields(moe) -> tuple[int, int, int]:
@@ -179,13 +194,13 @@ def flops_from_config(cfg, moe=None, vocab_size: int | None = None) -> FlopsMode
         attn = _linear(d, 3 * d, b) + _linear(d, d, b)
         mlp = _linear(d, ff, b) + _linear(ff, d, b)
         n = sum(2 * ln + attn + mlp_of(i, mlp) for i in range(cfg.n_layer)) + ln + V * d
-        return FlopsModel("decoder", n, int(cfg.n_layer), d)
+        return FlopsModel("decoder", n, int(cfg.n_layer), d, **_banded(cfg))
     if name == "llama":
         kv = cfg.kv_heads * cfg.head_dim
         attn = 2 * d * d + 2 * d * kv
         mlp = 3 * d * cfg.ffn_size
         n = sum(2 * d + attn + mlp_of(i, mlp) for i in range(cfg.n_layer)) + d + V * d
-        return FlopsModel("decoder", n, int(cfg.n_layer), d)
+        return FlopsModel("decoder", n, int(cfg.n_layer), d, **_banded(cfg))
     ff = int(cfg.d_ff or 4 * d)
     post_ln_attn = 4 * d * d + 4 * d
     post_ln_mlp = _linear(d, ff, True) + _linear(ff, d, True)

@@ -19,6 +19,7 @@ def lmkit_config_dirs():
 @hookimpl
 def lmkit_register_objectives():
     from lmkit.objectives.bart import BARTDenoising, BARTDenoisingConfig
+    from lmkit.objectives.bilm import BiLM, BiLMConfig
     from lmkit.objectives.causal_lm import CausalLM, CausalLMConfig
     from lmkit.objectives.classification import Classification, ClassificationConfig
     from lmkit.objectives.distillation import Distillation, DistillationConfig
@@ -40,6 +41,7 @@ def lmkit_register_objectives():
 
     return [
         objective("causal_lm", CausalLM, CausalLMConfig, "next-token prediction (GPT)", "gpt_tiny"),
+        objective("bilm", BiLM, BiLMConfig, "forward + backward LM with a shared softmax (ELMo)", "elmo_tiny"),
         objective("mlm", MLM, MLMConfig, "masked LM (BERT; RoBERTa / Bernoulli modes, whole-word option)", "bert_tiny"),
         objective("nsp", SentencePair, NSPConfig, "masked LM + next-sentence prediction (BERT)", "bert_tiny"),
         objective("sop", SentencePair, SOPConfig, "masked LM + sentence-order prediction (ALBERT)", "albert_tiny"),
@@ -71,9 +73,11 @@ def lmkit_register_architectures():
     from lmkit.models.albert import ALBERT, ALBERTConfig
     from lmkit.models.bart import BART, BARTConfig
     from lmkit.models.bert import BERT, BERTConfig
+    from lmkit.models.elmo import ELMo, ELMoConfig
     from lmkit.models.gpt import GPT, GPTConfig
     from lmkit.models.llama import Llama, LlamaConfig
     from lmkit.models.t5 import T5, T5Config
+    from lmkit.models.transformer_xl import TransformerXL, TransformerXLConfig
     from lmkit.models.xlnet import XLNet, XLNetConfig
 
     def arch(cls):  # kind and capabilities (lmkit.models.base.CAPABILITIES) come from the class
@@ -84,10 +88,15 @@ def lmkit_register_architectures():
         Component("bert", BERT, BERTConfig, "BERT encoder: segment embeddings, post-LN, [CLS] pooler", meta=arch(BERT)),
         Component("albert", ALBERT, ALBERTConfig, "ALBERT encoder: factorized embeddings, cross-layer sharing",
                   meta=arch(ALBERT)),
+        Component("elmo", ELMo, ELMoConfig, "ELMo biLM: forward and backward LSTMs, scalar mix of the layers",
+                  meta=arch(ELMo)),
         Component("t5", T5, T5Config, "T5 encoder-decoder: RMSNorm, relative position buckets", meta=arch(T5)),
         Component("bart", BART, BARTConfig, "BART encoder-decoder: learned positions, post-LN", meta=arch(BART)),
         Component("xlnet", XLNet, XLNetConfig, "XLNet: Transformer-XL backbone, relative segments, two-stream attention",
                   meta=arch(XLNet)),
+        Component("transformer_xl", TransformerXL, TransformerXLConfig,
+                  "Transformer-XL decoder: segment recurrence memory, relative positions, post-LN",
+                  meta=arch(TransformerXL)),
         Component("llama", Llama, LlamaConfig, "Llama decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention",
                   meta=arch(Llama)),
     ]
@@ -113,6 +122,8 @@ def lmkit_register_schedulers():
         Component("cosine", s.build_cosine, s.SchedulerConfig, "linear warmup, cosine decay to a floor"),
         Component("linear", s.build_linear, s.SchedulerConfig, "linear warmup, linear decay to a floor"),
         Component("constant", s.build_constant, s.SchedulerConfig, "linear warmup, then constant"),
+        Component("inverse_sqrt", s.build_inverse_sqrt, s.InverseSqrtConfig,
+                  "T5's inverse square root: optimizer.lr for warmup_steps, then 1/sqrt(step) decay"),
     ]
 
 

@@ -149,10 +149,14 @@ def build_plan(options: dict, overrides: list[str]):
     devices = _number("num_devices", options.get("num_devices", "1"), 1, integer=True, strict=False)
     mfu = _number("mfu", options.get("mfu", "0.4"), 0, maximum=1, hint=" (a fraction of the peak, e.g. 0.4)")
     hours = _number("hours", options["hours"], 0) if "hours" in options else None
+    phases = None
     if "tokens" in options:
         tokens = _number("tokens", options["tokens"], 0)
     else:
-        tokens = float(trainer.max_steps) * data.batch_size * data.grad_accum * devices * data.seq_len
+        sequences_per_step = float(data.batch_size * data.grad_accum * devices)
+        phases = _length_phases(data, trainer.max_steps, sequences_per_step)
+        tokens = sum(t for t, _ in phases)
+        phases = phases if len(phases) > 1 else None
     power = _number("power_w", options["power_w"], 0) if "power_w" in options else None
     pue = _number("pue", options.get("pue", str(DEFAULT_PUE)), 1, strict=False,
                   hint=" (facility / IT energy; 1.0 = no overhead)")
@@ -163,13 +167,28 @@ def build_plan(options: dict, overrides: list[str]):
                    if "decoder_len" in options else None)
     flops = _model_flops(model_cfg, model_c, extensions.get("moe"), _vocab_size(model_cfg, tokenizer_cfg))
     plan = Plan(flops, data.seq_len, tokens, accelerator, precision, devices, pue, intensity,
-                mfu=None if hours is not None else mfu, hours=hours, power_w=power, decoder_len=decoder_len)
+                mfu=None if hours is not None else mfu, hours=hours, power_w=power, decoder_len=decoder_len,
+                phases=phases)
     choice = args.group_choices.get("model", [None])[0] or "model"
     if any(o.lstrip("+").startswith("model.") for o in overrides):
         choice += " with model.* overrides"
     return plan, {"model": choice, "arch": model_cfg.name, "intensity_source": source,
                   "tokens_from": "given" if "tokens" in options else
-                  "trainer.max_steps × data.batch_size × data.grad_accum × num_devices × data.seq_len"}
+                  "trainer.max_steps × data.batch_size × data.grad_accum × num_devices × data.seq_len"
+                  + (" (each phase of data.seq_len_schedule at its length)" if phases else "")}
+
+
+def _length_phases(data, max_steps: int, sequences_per_step: float) -> list[tuple[float, int]]:
+    """``[(tokens, seq_len), ...]`` of ``max_steps`` steps under ``data.seq_len_schedule`` (one phase without it)."""
+    phases, start = [], 0
+    for phase in data.seq_len_schedule or []:
+        end = min(int(phase["until_step"]), max_steps)
+        if end > start:
+            phases.append(((end - start) * sequences_per_step * int(phase["seq_len"]), int(phase["seq_len"])))
+        start = max(start, end)
+    if max_steps > start:
+        phases.append(((max_steps - start) * sequences_per_step * data.seq_len, data.seq_len))
+    return phases or [(0.0, data.seq_len)]
 
 
 def format_estimate(plan, est, about: dict) -> str:

@@ -5,6 +5,8 @@ directory, and without suggestions; lmkit checks them first and says what to wri
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,10 +146,29 @@ def _missing_key_message(cfg: DictConfig, dotted: str) -> str | None:
             siblings = [str(k) for k in node.keys()]
             where = ".".join(parts[:i]) or "the root"
             hint = did_you_mean(part, siblings, cutoff=0.6, prefix="".join(p + "." for p in parts[:i]))
+            owners = _architectures_with_option(part) if parts[:i] == ["model"] else []
+            if owners:
+                return (f"model.{part} is not an option of architecture '{node.get('name')}'; only "
+                        f"{', '.join(owners)} have it. Choose a model= preset of those, or drop model.{part}.")
             return (f"unknown config key '{dotted}': '{part}' is not a key of {where}.{hint} "
                     f"(To add a new key on purpose, write '+{dotted}=...'.)")
         node = node[part]
     return None
+
+
+def _architectures_with_option(option: str) -> list[str]:
+    """The registered architectures whose config dataclass has the field ``option`` (sorted)."""
+    import dataclasses
+
+    from lmkit.plugins import get_plugin_manager
+
+    try:
+        registry = get_plugin_manager().registries["architecture"]
+        return sorted(name for name in registry.names()
+                      if dataclasses.is_dataclass(registry.get(name).config_cls)
+                      and option in {f.name for f in dataclasses.fields(registry.get(name).config_cls)})
+    except Exception:  # noqa: BLE001 - a hint only: never hide the unknown-key message behind a plugin failure
+        return []
 
 
 def _check_hydra_keys(hydra_overrides: list[str], searchpath: list[str]) -> None:
@@ -165,6 +186,19 @@ def _check_hydra_keys(hydra_overrides: list[str], searchpath: list[str]) -> None
         compose("config", overrides=searchpath + hydra_overrides, return_hydra_config=True)
     except HydraException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _group_conflict_message(error: HydraException, group_overrides: list[str]) -> str:
+    """Hydra's first line, plus the fix when an ``experiment=`` preset already chose a group given with ``+``."""
+    first = str(error).splitlines()[0]
+    match = re.match(r"Multiple values for (\w+)", first)
+    experiment = next((o.split("=", 1)[1] for o in group_overrides if o.lstrip("+").startswith("experiment=")), None)
+    if match and experiment:
+        group = match.group(1)
+        given = next((o for o in group_overrides if o.lstrip("+").startswith(f"{group}=")), f"+{group}=...")
+        return (f"experiment={experiment} already chooses the {group}: drop '{given}' (a preset fixes its {group}; "
+                f"change the preset's {group} options with {group}.KEY=VALUE).")
+    return first
 
 
 def _check_interpolations(cfg: DictConfig) -> None:
@@ -186,7 +220,10 @@ def compose_config(config_dirs: list[str], overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=core, version_base="1.3"):
         _check_hydra_keys(hydra_overrides, searchpath)
         group_only = [o for o in overrides if o.lstrip("+").split("=", 1)[0] in GROUPS]
-        base = compose("config", overrides=searchpath + group_only)
+        try:
+            base = compose("config", overrides=searchpath + group_only)
+        except HydraException as e:
+            raise ConfigError(_group_conflict_message(e, group_only)) from None
         for o in overrides:
             if o.startswith(("+", "~")) or "=" not in o:
                 continue

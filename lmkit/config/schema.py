@@ -70,6 +70,8 @@ class DataConfig:
     grad_accum: int = 1
     batch_ramp_start: int = 1  # micro-batches per step at the start of the ramp
     batch_ramp_steps: int = 0  # 0 = no ramp
+    # earlier phases at other lengths: [{until_step: N, seq_len: S}, ...]; data.seq_len after the last (BERT's 128 -> 512)
+    seq_len_schedule: Any = None
     num_workers: int = 0
     cache_dir: str | None = None
 
@@ -87,6 +89,9 @@ class DataConfig:
         check_int("data.batch_ramp_start", self.batch_ramp_start, minimum=1,
                   hint=" (micro-batches per step at the start of the ramp)")
         check_int("data.batch_ramp_steps", self.batch_ramp_steps, minimum=0, hint=" (0 = no ramp)")
+        from lmkit.data.seq_len_schedule import check_schedule
+
+        self.seq_len_schedule = check_schedule(self.seq_len_schedule)
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"data.text_field must name the JSON field or column holding the text, got {self.text_field!r}")
         self.path = _check_data_path(self.path)

@@ -401,6 +401,17 @@ def _warn_past_the_end(trainer: TrainerConfig, scheduler, data: DataConfig) -> N
 
     steps = trainer.max_steps
     warmup = getattr(scheduler, "warmup_steps", None)
+    if getattr(scheduler, "name", None) == "inverse_sqrt":  # no ramp: optimizer.lr until warmup_steps, then 1/sqrt
+        if isinstance(warmup, int) and warmup >= steps:
+            warn(f"scheduler.warmup_steps={warmup} is not shorter than the run (trainer.max_steps={steps}): the "
+                 f"inverse square root schedule keeps optimizer.lr throughout and never decays. Lower "
+                 f"scheduler.warmup_steps if that is not what you want.")
+        warmup = None
+    last_switch = data.seq_len_schedule[-1]["until_step"] if data.seq_len_schedule else 0
+    if last_switch >= steps:
+        warn(f"data.seq_len_schedule's last phase ends at step {last_switch}, not before the end of the run "
+             f"(trainer.max_steps={steps}): no step trains at data.seq_len={data.seq_len}. Lower its until_step "
+             f"if that is not what you want.")
     if isinstance(warmup, int) and warmup > steps:
         warn(f"scheduler.warmup_steps={warmup} is longer than the run (trainer.max_steps={steps}): the learning rate "
              f"never reaches optimizer.lr (it ends at {steps / warmup:.0%} of it). Lower scheduler.warmup_steps "
@@ -441,6 +452,15 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
             f"data.seq_len={data.seq_len} is longer than the model's positions (model.max_seq_len={max_len}). "
             f"Lower data.seq_len or raise model.max_seq_len."
         )
+    if data.seq_len_schedule:  # every phase's length fits the model, and the objective cuts packed text
+        from lmkit.data.seq_len_schedule import check_max_len, check_objective
+
+        check_max_len(data.seq_len_schedule, max_len)
+        check_objective(data.seq_len_schedule, objective_c)
+    if getattr(model, "attention_window", None) is not None:
+        from lmkit.models.local_attention import check_window_fits
+
+        check_window_fits(model, data.seq_len)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lmkit.data.cache import load_tokens
 from lmkit.data.sampler import SequentialBatchSampler, StepBatchSampler
+from lmkit.data.sampler import StreamSequentialBatchSampler, StreamStepBatchSampler
+from lmkit.data.seq_len_schedule import SeqLenSchedule
 from lmkit.errors import DataError
 from lmkit.strategies import data_parallel_world
 
@@ -100,12 +102,22 @@ class LMDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data_cfg, source, tokenizer, objective, seq_len: int, seed: int, cache_dir: Path,
-                 val_batches: int | None, data_steps=lambda: 0):
+                 val_batches: int | None, data_steps=lambda: 0, stream_order: bool = False):
         super().__init__()
         self.cfg, self.source, self.tokenizer, self.objective = data_cfg, source, tokenizer, objective
         self.seq_len, self.seed, self.cache_dir, self.val_batches = seq_len, seed, cache_dir, val_batches
         self.data_steps = data_steps
+        # a model with recurrence memory (its ``stream_order``): row r of each micro-batch continues row r
+        # of the previous one, in training and validation (lmkit.data.sampler.StreamStepBatchSampler)
+        self.stream_order = stream_order
+        if stream_order and getattr(data_cfg, "seq_len_schedule", None):
+            from lmkit.errors import ConfigError
+
+            raise ConfigError("data.seq_len_schedule cannot be combined with a model whose memory needs stream-ordered "
+                              "batches (model.memory_len > 0): set data.seq_len_schedule=null or model.memory_len=0")
         self.block_len, self.stride = objective.block_layout(seq_len)
+        schedule = getattr(data_cfg, "seq_len_schedule", None)  # earlier phases at other lengths (validation: seq_len)
+        self.seq_len_schedule = SeqLenSchedule(schedule, seq_len, objective) if schedule else None
         self.collate = StepCollate(objective.make_collator(), data_cfg.batch_size, seed)
         self.splits: DataSplits | None = None
 
@@ -126,6 +138,9 @@ class LMDataModule(L.LightningDataModule):
                 f"(batch_size {self.cfg.batch_size} × grad_accum {self.cfg.grad_accum} × {world} ranks). "
                 f"Use more text, or lower data.seq_len / data.batch_size."
             )
+        if self.seq_len_schedule is not None:  # training blocks of each phase's length
+            self.train_set = self.seq_len_schedule.train_set(
+                self.splits.train, need, f"batch_size {self.cfg.batch_size} × grad_accum {self.cfg.grad_accum} × {world} ranks")
         if self.cfg.val_fraction > 0 and len(self.val_set) < self.cfg.batch_size:
             raise DataError(
                 f"the validation split has {len(self.splits.val)} tokens, fewer than one batch of "
@@ -146,6 +161,7 @@ class LMDataModule(L.LightningDataModule):
         paths = cfg.path if isinstance(cfg.path, (list, tuple)) or cfg.path is None else [cfg.path]
         return {
             "corpus": tokens_digest(self.splits.train), "seed": self.seed, "data.seq_len": self.seq_len,
+            "data.seq_len_schedule": self.seq_len_schedule.fingerprint() if self.seq_len_schedule else None,
             "data.val_fraction": cfg.val_fraction, "tokenizer": self.tokenizer.fingerprint(),
             # not compared: they only tell which setting changed the corpus
             "data.source": cfg.source, "data.path": None if paths is None else [os.path.abspath(os.path.expanduser(str(p)))
@@ -171,6 +187,12 @@ class LMDataModule(L.LightningDataModule):
 
     def train_sampler(self) -> StepBatchSampler:
         rank, world = self._world()
+        if getattr(self, "stream_order", False):
+            return StreamStepBatchSampler(len(self.train_set), self.cfg.batch_size, self.cfg.grad_accum, self.seed, rank,
+                                          world, self.cfg.batch_ramp_start, self.cfg.batch_ramp_steps,
+                                          start_step=self.data_steps)
+        if getattr(self, "seq_len_schedule", None) is not None:
+            return self.seq_len_schedule.sampler(self.train_set, self.cfg, self.seed, rank, world, self.data_steps)
         return StepBatchSampler(
             len(self.train_set), self.cfg.batch_size, self.cfg.grad_accum, self.seed, rank, world,
             self.cfg.batch_ramp_start, self.cfg.batch_ramp_steps, start_step=self.data_steps,
@@ -181,4 +203,5 @@ class LMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()
-        return self._loader(self.val_set, SequentialBatchSampler(len(self.val_set), self.cfg.batch_size, self.val_batches, rank, world))
+        sampler_cls = StreamSequentialBatchSampler if getattr(self, "stream_order", False) else SequentialBatchSampler
+        return self._loader(self.val_set, sampler_cls(len(self.val_set), self.cfg.batch_size, self.val_batches, rank, world))

@@ -119,3 +119,67 @@ class SequentialBatchSampler:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class StreamStepBatchSampler(StepBatchSampler):
+    """Training batches in stream order, for models with a recurrence memory (``stream_order``).
+
+    The ``lanes = micro_batch_size · world_size`` rows of a micro-batch (over all ranks) are
+    lanes: lane ``l = rank · micro_batch_size + row`` owns the contiguous blocks
+    ``[l·P, (l+1)·P)``, ``P = n_items // lanes``, and reads them in order, one per micro-batch
+    (across gradient-accumulation micro-batches and steps): row r of each micro-batch continues
+    row r of the previous one on that rank. Micro-batch round ``g`` (the stream position divided
+    by ``lanes``) reads block ``g mod P`` of every lane: still a pure function of the stream
+    position, so a resume with the same layout is exact. No shuffling.
+
+    At the end of a pass a lane starts over at its first block; the memory is not reset there (it
+    then holds unrelated text, as at any document boundary of the packed stream). A run resumed
+    with another batch size or number of ranks re-cuts the lanes at the saved stream position
+    (rounded up to a whole micro-batch round): the data go on in stream order, but not exactly
+    where each lane stopped, and the memory saved for the old layout is not used (its batch size
+    differs) or no longer continues its rows.
+    """
+
+    def __init__(self, n_items: int, micro_batch_size: int, grad_accum: int, seed: int,
+                 rank: int = 0, world_size: int = 1, ramp_start: int = 1, ramp_steps: int = 0,
+                 start_step: Callable[[], int] = lambda: 0):
+        super().__init__(n_items, micro_batch_size, grad_accum, seed, rank, world_size, ramp_start, ramp_steps,
+                         start_step, shuffle=False)
+        self.lanes = micro_batch_size * world_size
+        self.lane_len = n_items // self.lanes
+
+    def keys_for_step(self, step: int) -> list[tuple[int, int]]:
+        begin = self.stream_offset(step)
+        first_round = -(-begin // self.lanes)  # a whole round (equal to begin // lanes with the same layout)
+        keys = []
+        for m in range(self.micro_batches_at(step)):
+            rnd = (first_round + m) % self.lane_len
+            for row in range(self.mbs):
+                lane = self.rank * self.mbs + row
+                keys.append((lane * self.lane_len + rnd, begin + m * self.lanes + lane))
+        return keys
+
+
+class StreamSequentialBatchSampler:
+    """Validation batches in stream order: batch g of rank r holds block ``l·P + g`` of each of its lanes.
+
+    Lanes as :class:`StreamStepBatchSampler` (``l = rank · batch_size + row``, ``batch_size · world_size``
+    lanes), ``P = n_items // lanes`` batches per rank, at most ``ceil(max_batches / world_size)``: the
+    same blocks as :class:`SequentialBatchSampler` when ``max_batches`` bounds them (one rank), read so
+    that row r of each batch continues row r of the previous one.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, max_batches: int | None, rank: int = 0, world_size: int = 1):
+        lanes = batch_size * world_size
+        per_lane = n_items // lanes
+        if max_batches:
+            per_lane = min(per_lane, -(-max_batches // world_size))
+        self.batches = [[(rank * batch_size + row) * per_lane + g for row in range(batch_size)]
+                        for g in range(per_lane)]
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield [(i, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -10,6 +10,7 @@ from lmkit.errors import ConfigError
 from lmkit.interop.family import Family, Field
 from lmkit.interop.table import Rename, Table, Tied, Zeros, expand
 from lmkit.models.gpt import GPT, GPTConfig
+from lmkit.models.local_attention import refuse_export
 
 P = "transformer."
 
@@ -42,6 +43,7 @@ def _table(cfg: GPTConfig, heads: set) -> Table:
 def _check(cfg: GPTConfig, heads: set) -> None:
     if heads:
         raise ConfigError(f"gpt: objective heads {sorted(heads)} have no place in GPT2LMHeadModel")
+    refuse_export(cfg, "gpt", "GPT2LMHeadModel")
 
 
 FAMILY = Family(

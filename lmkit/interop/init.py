@@ -28,7 +28,7 @@ from lmkit.errors import CheckpointError, ConfigError
 
 #: architecture config fields the run keeps: they do not change the meaning of the source's weights (a pooler
 #: the source lacks is initialised fresh, one the run does not use is listed)
-RUN_OPTIONS = ("name", "dropout", "init", "init_std", "init_factor", "compile", "pooler")
+RUN_OPTIONS = ("name", "dropout", "init", "init_std", "init_factor", "compile", "pooler", "attention", "attention_window")
 
 
 @dataclass

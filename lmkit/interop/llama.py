@@ -15,6 +15,7 @@ from lmkit.errors import ConfigError
 from lmkit.interop.family import Field, Family
 from lmkit.interop.table import Rename, Table, Tied, expand
 from lmkit.models.llama import Llama, LlamaConfig
+from lmkit.models.local_attention import refuse_export
 
 P = "model."
 
@@ -43,6 +44,7 @@ def _table(cfg: LlamaConfig, heads: set) -> Table:
 def _check(cfg: LlamaConfig, heads: set) -> None:
     if heads:
         raise ConfigError(f"llama: objective heads {sorted(heads)} have no place in LlamaForCausalLM")
+    refuse_export(cfg, "llama", "LlamaForCausalLM")
 
 
 def _from_hf_extra(hf: dict, state: dict) -> dict:

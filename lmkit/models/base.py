@@ -38,6 +38,14 @@ Contract (plugin authors build against it):
   ``Component.meta["accepts"]``; the config check refuses an objective that needs an input
   the architecture does not honour (see :func:`architecture_accepts` for what an
   architecture that declares nothing is taken to accept).
+* ``stream_memory`` (optional, :class:`lmkit.models.memory.StreamMemory`): segment-level
+  recurrence (Transformer-XL, XLNet). The model reads and writes it in ``forward`` only while its
+  ``mode`` is set: the training loop sets ``"train"`` during training steps and ``"val"`` during
+  validation (emptied at the start of each validation epoch), and None otherwise, so evaluation,
+  generation and scoring see a stateless model. Such a model sets ``stream_order = True``: the data
+  module then serves batches in stream order (row r of each micro-batch continues row r of the
+  previous one, :class:`lmkit.data.sampler.StreamStepBatchSampler`), and it saves the training
+  memory in checkpoints through ``get_extra_state``/``set_extra_state`` (exact resume).
 
 Config contract (the dataclass registered as the architecture's ``config_cls``; subclass
 :class:`ArchitectureConfig`): the core reads ``vocab_size`` (None = the tokenizer's; the core
@@ -67,6 +75,7 @@ CAPABILITIES: dict[str, str] = {
     "document_ids": "per-token document ids [B, T] that keep attention inside each packed document",
     "decoder_input_ids": "the decoder inputs (and decoder_padding_mask) of an encoder-decoder",
     "pooled": "a pooled() sentence representation for sentence-level heads",
+    "bilm_states": "separate forward and backward LM states from bilm_states(input_ids, padding_mask), as ELMo's",
     "two_stream": "XLNet's two-stream attention, two_stream(input_ids, perm_ranks, target_mask) (permutation LM)",
 }
 

@@ -53,6 +53,10 @@ def check_architecture(cfg, key: str = "model", init_schemes=("normal", "xavier"
         check_choice(f"{key}.activation", cfg.activation, ACTIVATIONS)
     check_choice(f"{key}.init", cfg.init, init_schemes)
     check_positive(f"{key}.init_std", cfg.init_std, " (the standard deviation of the initial weights, e.g. 0.02)")
+    if hasattr(cfg, "attention"):
+        from lmkit.models.local_attention import check_attention
+
+        check_attention(cfg, key)
 
 
 def post_init_base(cfg, cls) -> None:

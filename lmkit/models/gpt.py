@@ -8,6 +8,7 @@ from torch import nn
 
 from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
+from lmkit.models.local_attention import mark_banded_layers
 from lmkit.models.layers import (
     MLP,
     SelfAttention,
@@ -35,6 +36,8 @@ class GPTConfig(ArchitectureConfig):
     init: str = "normal"
     init_std: float = 0.02
     compile: bool = False
+    attention: str = "dense"  # or "alternating_local": odd layers banded (lmkit.models.local_attention)
+    attention_window: int | None = None  # alternating_local: a banded position sees the previous W, itself included
 
     def __post_init__(self):
         from lmkit.models.checks import check_architecture, post_init_base
@@ -80,6 +83,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        mark_banded_layers(self.blocks, cfg)
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         initialize(self, cfg.init, cfg.init_std, cfg.n_layer)

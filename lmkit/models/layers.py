@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.models.local_attention import banded_self_attention
+
 
 def build_attention_bias(
     padding_mask: torch.Tensor | None,
@@ -96,6 +98,7 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.scale = None  # SDPA's 1/sqrt(d_head)
         self.kv_cache: KVCache | None = None  # generation only (lmkit.generation); training never sets it
+        self.window: int | None = None  # set by the model: a banded layer (lmkit.models.local_attention)
 
     def forward(self, x, mask=None, is_causal=False, position_bias=None, input_pos=None):
         """``input_pos`` (generation only): with ``kv_cache`` set, ``x`` holds the tokens at positions
@@ -107,6 +110,9 @@ class SelfAttention(nn.Module):
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         mask, is_causal = fold_position_bias(position_bias, mask, is_causal, T, k.shape[2], q.dtype, x.device)
+        if self.window is not None:  # a banded layer of model.attention=alternating_local
+            y = banded_self_attention(q, k, v, self.window, mask, self.dropout if self.training else 0.0, self.scale)
+            return self.proj(y.transpose(1, 2).reshape(B, T, D))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale,

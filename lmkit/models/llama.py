@@ -17,6 +17,7 @@ from torch import nn
 from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
 from lmkit.models.layers import GatedMLP, apply_documents, build_attention_bias, causal_mask_at
+from lmkit.models.local_attention import banded_self_attention, mark_banded_layers
 
 
 def llama_ffn_size(d_model: int, multiple_of: int = 256, multiplier: float | None = None) -> int:
@@ -54,6 +55,8 @@ class LlamaConfig(ArchitectureConfig):
     init: str = "normal"
     init_std: float = 0.02
     compile: bool = False
+    attention: str = "dense"  # or "alternating_local": odd layers banded (lmkit.models.local_attention)
+    attention_window: int | None = None  # alternating_local: a banded position sees the previous W, itself included
 
     def __post_init__(self):
         from lmkit.config.checks import check_int, check_positive
@@ -130,6 +133,7 @@ class GroupedQueryAttention(nn.Module):
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
         self.dropout = dropout
         self.kv_cache = None
+        self.window: int | None = None  # set by the model: a banded layer (lmkit.models.local_attention)
 
     def forward(self, x, cos, sin, mask=None, is_causal=True, input_pos=None):
         B, T, _ = x.shape
@@ -143,6 +147,9 @@ class GroupedQueryAttention(nn.Module):
         rep = q.shape[1] // k.shape[1]  # local head counts (tensor parallelism splits both alike)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.window is not None:  # a banded layer of model.attention=alternating_local
+            y = banded_self_attention(q, k, v, self.window, mask, self.dropout if self.training else 0.0)
+            return self.proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -182,6 +189,7 @@ class Llama(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
+        mark_banded_layers(self.blocks, cfg)
         self.ln_f = nn.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         initialize(self, cfg.init, cfg.init_std, cfg.n_layer)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules, stepped once per optimizer step: warmup, then cosine/linear/constant."""
+"""Learning-rate schedules, stepped once per optimizer step: warmup, then cosine/linear/constant;
+T5's inverse square root (constant, then 1/sqrt(step))."""
 from __future__ import annotations
 
 import math
@@ -56,3 +57,38 @@ def _build(shape):
 build_cosine = _build("cosine")
 build_linear = _build("linear")
 build_constant = _build("constant")
+
+
+@dataclass
+class InverseSqrtConfig:
+    """T5's inverse square root schedule: ``optimizer.lr`` for the first ``warmup_steps`` steps, then ∝ 1/√n.
+
+    The learning rate of step ``n`` (0 = the first update) is
+    ``optimizer.lr · √(warmup_steps / max(n, warmup_steps))``. With ``optimizer.lr =
+    1/√warmup_steps`` that is T5's ``1/√max(n, k)`` exactly (k = 10⁴: 0.01 until step 10⁴).
+    """
+
+    name: str = "inverse_sqrt"
+    warmup_steps: int = 10_000
+
+    def __post_init__(self):
+        from lmkit.config.checks import check_int
+
+        check_int("scheduler.warmup_steps", self.warmup_steps, minimum=1,
+                  hint=" (the inverse square root schedule holds optimizer.lr for this many steps, then decays as "
+                       "1/sqrt(step); T5: 10000)")
+
+
+class InverseSqrt:
+    """LR multiplier ``√(k / max(n, k))`` at step ``n``; picklable."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+
+    def __call__(self, step: int) -> float:
+        return math.sqrt(self.warmup / max(step, self.warmup))
+
+
+def build_inverse_sqrt(optimizer, cfg: InverseSqrtConfig, total_steps: int):
+    """T5's 1/√max(n, k) schedule, scaled so that its constant phase is ``optimizer.lr``."""
+    return LambdaLR(optimizer, InverseSqrt(cfg.warmup_steps))
