@@ -53,3 +53,34 @@ def one_error_line(capsys, argv, expected) -> None:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
     assert len(lines) == 1 and expected in lines[0], err
+
+
+def assert_compiled_matches_eager(built) -> None:
+    """One micro-batch through ``built`` (``lmkit.api.build`` of a run with ``model.compile=true``): the compiled
+    model makes one graph without breaks, and its loss and gradients equal the eager model's."""
+    import torch
+
+    module, dm = built.module, built.datamodule
+    assert module.model._compiled_call_impl is not None
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))["micro_batches"][0]
+
+    def loss_and_grads():
+        module.zero_grad(set_to_none=True)
+        out = module.objective.loss(module.model, batch)
+        (out.loss_sum / out.n_targets).backward()
+        return out.loss_sum.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_loss, compiled_grads = loss_and_grads()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    compiled_impl, module.model._compiled_call_impl = module.model._compiled_call_impl, None
+    eager_loss, eager_grads = loss_and_grads()
+    module.model._compiled_call_impl = compiled_impl
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -14,7 +14,7 @@ from lmkit.errors import ConfigError
 from lmkit.models.layers import document_ids_from_separators
 from lmkit.models.llama import Llama, LlamaConfig, apply_rope, llama_ffn_size, rope_cos_sin
 from lmkit.tokenizers.byte import ByteTokenizer
-from lmkit_test_utils import TINY
+from lmkit_test_utils import TINY, assert_compiled_matches_eager
 
 TOK = ByteTokenizer()
 V = TOK.vocab_size
@@ -219,30 +219,7 @@ def test_compiled_model_gives_eager_loss_and_gradients(objective, extra, tmp_pat
 
     built = build([f"+objective={objective}", "model=llama_tiny", *RUN, "model.n_kv_head=1", "model.d_ff=96",
                    "model.compile=true", *extra], tmp_path)
-    module, dm = built.module, built.datamodule
-    assert module.model._compiled_call_impl is not None
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))["micro_batches"][0]
-
-    def loss_and_grads():
-        module.zero_grad(set_to_none=True)
-        out = module.objective.loss(module.model, batch)
-        (out.loss_sum / out.n_targets).backward()
-        return out.loss_sum.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled_loss, compiled_grads = loss_and_grads()
-    counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] >= 1
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    compiled_impl, module.model._compiled_call_impl = module.model._compiled_call_impl, None
-    eager_loss, eager_grads = loss_and_grads()
-    module.model._compiled_call_impl = compiled_impl
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
-    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_compiled_matches_eager(built)
 
 
 def test_cached_decoding_equals_the_full_forward():

@@ -18,7 +18,7 @@ from lmkit.models.layers import build_attention_bias, document_attention_mask
 from lmkit.models.llama import Llama, LlamaConfig, rope_cos_sin
 from lmkit.models.local_attention import banded_attention
 from lmkit.tokenizers.byte import ByteTokenizer
-from lmkit_test_utils import TINY, one_error_line
+from lmkit_test_utils import TINY, assert_compiled_matches_eager, one_error_line
 
 TOK = ByteTokenizer()
 V = TOK.vocab_size
@@ -233,27 +233,5 @@ def test_compiled_model_gives_eager_loss_and_gradients(tmp_path):
 
     built = build(["+objective=causal_lm", "objective.document_mask=true", "model=gpt_tiny", *RUN, "model.n_layer=2",
                    "model.attention=alternating_local", "model.attention_window=24", "model.compile=true"], tmp_path)
-    module, dm = built.module, built.datamodule
-    assert module.model._compiled_call_impl is not None and module.model.blocks[1].attn.window == 24
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))["micro_batches"][0]
-
-    def loss_and_grads():
-        module.zero_grad(set_to_none=True)
-        out = module.objective.loss(module.model, batch)
-        (out.loss_sum / out.n_targets).backward()
-        return out.loss_sum.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled_loss, compiled_grads = loss_and_grads()
-    counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] >= 1
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    compiled_impl, module.model._compiled_call_impl = module.model._compiled_call_impl, None
-    eager_loss, eager_grads = loss_and_grads()
-    module.model._compiled_call_impl = compiled_impl
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
-    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert built.module.model.blocks[1].attn.window == 24
+    assert_compiled_matches_eager(built)
