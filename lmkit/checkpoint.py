@@ -260,7 +260,8 @@ def check_lmkit_state(checkpoint, path) -> None:
 
 
 #: entries of LMDataModule.fingerprint that decide the data order; the others only explain a corpus change
-DATA_KEYS = ("corpus", "tokenizer", "seed", "data.seq_len", "data.val_fraction", "data.seq_len_schedule")
+DATA_KEYS = ("corpus", "tokenizer", "seed", "data.seq_len", "data.val_fraction", "data.seq_len_schedule",
+             "val_corpus", "data.mixture")  # val_corpus: data.val_path's tokens; data.mixture: names and shares
 
 
 def check_same_data(saved: dict | None, current: dict, path, allow_change: bool = False) -> str | None:

@@ -47,6 +47,7 @@ class LMModule(L.LightningModule):
         self.nonfinite_steps = 0
         self.val_nll, self.val_targets, self.val_bytes, self.val_loss = (SumMetric() for _ in range(4))
         self.history: list[dict] = []  # per-validation summaries, for the CLI report
+        self.val_by_source = None  # data.mixture: per-source sums (lmkit.data.mixture.SourceMetrics, set by train)
         #: Input tokens of this rank's latest training step: ``input_ids`` elements (padding
         #: included) summed over the step's micro-batches; 0 before the first step. Public, for
         #: callbacks (``train/tokens_per_s``): multiply by the data-parallel replicas for the
@@ -211,6 +212,8 @@ class LMModule(L.LightningModule):
             if out.nll_sum is not None:
                 self.val_nll.update(out.nll_sum.float())
                 self.val_bytes.update(out.n_bytes.float())
+            if self.val_by_source is not None and "source" in batch:  # a mixture's batch: all of one source
+                self.val_by_source.update(batch["source"], out)
 
     def on_validation_epoch_end(self):
         self._set_memory_mode(None)
@@ -232,6 +235,8 @@ class LMModule(L.LightningModule):
                 summary["val/bpb"] = float(bpb)
         for m in (self.val_nll, self.val_targets, self.val_bytes, self.val_loss):
             m.reset()
+        if self.val_by_source is not None:
+            summary.update(self.val_by_source.log(self))
         self.history.append(summary)
 
     # -- checkpoint state ---------------------------------------------------------

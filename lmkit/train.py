@@ -24,6 +24,7 @@ from lmkit.checkpoint import (CHECKPOINT_DIR, AtomicCheckpointIO, StepCheckpoint
 from lmkit.config.validate import RunConfig
 from lmkit.data.cache import default_cache_dir
 from lmkit.data.datamodule import LMDataModule
+from lmkit.data.mixture import build_val_source
 from lmkit.errors import CheckpointError, ConfigError, did_you_mean
 from lmkit.module import LMModule
 from lmkit.preemption import Preemption
@@ -215,6 +216,7 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
         init = prepare_init(run)
         run = init.run
     source = run.dataset_component.factory(run.data)
+    val_source = build_val_source(run.data, run.dataset_component)  # data.val_path, or None
     read_as = getattr(run.objective_component.factory, "data_source", None)  # e.g. sft: records -> packed rows
     if read_as is not None:
         source = read_as(run.objective, run.data, source)
@@ -256,9 +258,12 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     if datamodule is None:
         datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
                                   run.trainer.val_batches, data_steps=lambda: module.data_steps,
-                                  stream_order=getattr(model, "stream_order", False))  # recurrence memory
+                                  stream_order=getattr(model, "stream_order", False),  # recurrence memory
+                                  val_source=val_source)
     datamodule.prepare()
     module.data_fingerprint = datamodule.fingerprint()  # saved in checkpoints, compared on resume
+    if getattr(datamodule, "mixture", None) is not None:  # val/<name>/loss per source
+        module.val_by_source = datamodule.mixture.metrics(getattr(objective, "scores_every_byte", False))
     if ckpt_path is not None:
         note = check_same_data(ckpt_state["lmkit"].get("data"), module.data_fingerprint, ckpt_path,
                                allow_change=bool(run.raw.get("resume_allow_data_change", False)))
@@ -384,11 +389,12 @@ def _train(run: RunConfig, pm, run_dir: Path) -> dict:
     n_params = sum(p.numel() for p in module.model.parameters())
     start = end = preempted = None
     try:
-        if built.ckpt_path is None and run.trainer.validate_at_start and run.data.val_fraction > 0:
+        validates = getattr(dm, "has_validation", run.data.val_fraction > 0)  # val_fraction, val_path or a mixture's
+        if built.ckpt_path is None and run.trainer.validate_at_start and validates:
             trainer.validate(module, datamodule=dm, verbose=False)
             start = module.history[-1] if module.history else None
         trainer.fit(module, datamodule=dm, ckpt_path=str(built.ckpt_path) if built.ckpt_path else None)
-        if run.data.val_fraction > 0 and (not module.history or module.history[-1]["step"] != trainer.global_step):
+        if validates and (not module.history or module.history[-1]["step"] != trainer.global_step):
             trainer.validate(module, datamodule=dm, verbose=False)
         end = module.history[-1] if module.history else None
     except SIGTERMException:  # the Preemption callback saved the step just finished

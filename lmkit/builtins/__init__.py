@@ -162,7 +162,14 @@ def lmkit_register_datasets():
         Component("jsonl", lambda cfg: s.JsonlSource(cfg.path, cfg.text_field), description="JSON lines with a text field"),
         Component("hf", lambda cfg: s.HFDatasetSource(cfg.path, cfg.hf_builder or "json", cfg.text_field),
                   description="local files through HF datasets (json/csv/parquet/text builders)"),
+        Component("mixture", _build_mixture, description="weighted mixture of sources (data.mixture), The Pile style"),
     ]
+
+
+def _build_mixture(cfg):
+    from lmkit.data.mixture import MixtureSource
+
+    return MixtureSource(cfg)
 
 
 @hookimpl

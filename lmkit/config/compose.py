@@ -150,6 +150,10 @@ def _missing_key_message(cfg: DictConfig, dotted: str) -> str | None:
             if owners:
                 return (f"model.{part} is not an option of architecture '{node.get('name')}'; only "
                         f"{', '.join(owners)} have it. Choose a model= preset of those, or drop model.{part}.")
+            presets = _data_presets_with_option(part) if parts[:i] == ["data"] else []
+            if presets:
+                return (f"data.{part} is an option of the data={'|'.join(presets)} preset, not of "
+                        f"data={node.get('source')}: write data={presets[0]} data.{part}=...")
             return (f"unknown config key '{dotted}': '{part}' is not a key of {where}.{hint} "
                     f"(To add a new key on purpose, write '+{dotted}=...'.)")
         node = node[part]
@@ -169,6 +173,21 @@ def _architectures_with_option(option: str) -> list[str]:
                       and option in {f.name for f in dataclasses.fields(registry.get(name).config_cls)})
     except Exception:  # noqa: BLE001 - a hint only: never hide the unknown-key message behind a plugin failure
         return []
+
+
+def _data_presets_with_option(option: str) -> list[str]:
+    """The built-in ``data=`` presets (conf/data/*.yaml) that list the key ``option`` (sorted)."""
+    from lmkit.conf_path import core_conf_dir
+
+    found = []
+    for path in sorted((core_conf_dir() / "data").glob("*.yaml")):
+        try:
+            keys = OmegaConf.load(path).keys()
+        except Exception:  # noqa: BLE001 - a hint only
+            continue
+        if option in keys:
+            found.append(path.stem)
+    return found
 
 
 def _check_hydra_keys(hydra_overrides: list[str], searchpath: list[str]) -> None:

@@ -65,6 +65,8 @@ class DataConfig:
     hf_builder: str | None = None
     doc_separator: str | None = None
     val_fraction: float = 0.1
+    val_path: Any = None  # a separate validation set (same kind as data.path); training then reads all of data.path
+    mixture: Any = None  # data.source=mixture: [{source, path, weight, ...}, ...] (lmkit.data.mixture)
     seq_len: int = 128
     batch_size: int = 32  # micro-batch, per rank
     grad_accum: int = 1
@@ -95,6 +97,9 @@ class DataConfig:
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"data.text_field must name the JSON field or column holding the text, got {self.text_field!r}")
         self.path = _check_data_path(self.path)
+        from lmkit.data.mixture import check_data_config
+
+        check_data_config(self)  # data.val_path, data.mixture
         if self.cache_dir not in (None, ""):
             check_creatable_dir("data.cache_dir", self.cache_dir)
 

@@ -442,6 +442,9 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     tokenizer, tokenizer_c = _component_section(cfg, pm, "tokenizer", "tokenizer")
     data = typed_section("data", cfg.get("data", {}), DataConfig)
     dataset_c = pm.get("dataset", data.source)
+    from lmkit.data.mixture import check_run as check_mixture_run
+
+    check_mixture_run(data, pm, objective_c)  # data.mixture's sources, data.val_path with the objective
     # under torchrun/SLURM, devices and nodes left at their defaults come from the launcher
     trainer = apply_launch(typed_section("trainer", cfg.get("trainer", {}), TrainerConfig), strict=False)
     logger = typed_section("logger", cfg.get("logger", {}), LoggerConfig)

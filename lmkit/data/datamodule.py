@@ -102,7 +102,7 @@ class LMDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data_cfg, source, tokenizer, objective, seq_len: int, seed: int, cache_dir: Path,
-                 val_batches: int | None, data_steps=lambda: 0, stream_order: bool = False):
+                 val_batches: int | None, data_steps=lambda: 0, stream_order: bool = False, val_source=None):
         super().__init__()
         self.cfg, self.source, self.tokenizer, self.objective = data_cfg, source, tokenizer, objective
         self.seq_len, self.seed, self.cache_dir, self.val_batches = seq_len, seed, cache_dir, val_batches
@@ -120,13 +120,27 @@ class LMDataModule(L.LightningDataModule):
         self.seq_len_schedule = SeqLenSchedule(schedule, seq_len, objective) if schedule else None
         self.collate = StepCollate(objective.make_collator(), data_cfg.batch_size, seed)
         self.splits: DataSplits | None = None
+        self.val_source = val_source  # data.val_path's source (lmkit.data.mixture.build_val_source), or None
+        self.mixture = None  # data.mixture's blocks and samplers (lmkit.data.mixture.MixtureData)
 
     def prepare(self) -> None:
         """Tokenize (or load the cache) and check there is enough data; idempotent."""
-        if self.splits is not None:
+        if self.splits is not None or self.mixture is not None:
+            return
+        if getattr(self.source, "members", None) is not None:  # data.mixture
+            from lmkit.data.mixture import MixtureData
+
+            self.mixture = MixtureData(self)
+            self.train_set, self.val_set = self.mixture.train_set, self.mixture.val_set
             return
         tokens = load_tokens(self.source, self.tokenizer, self.cache_dir)
-        self.splits = split_tokens(tokens, self.cfg.val_fraction)
+        if self.val_source is not None:  # data.val_path: training reads all of data.path
+            from lmkit.data.mixture import renamed
+
+            with renamed("data", "val_path"):
+                self.splits = DataSplits(train=tokens, val=load_tokens(self.val_source, self.tokenizer, self.cache_dir))
+        else:
+            self.splits = split_tokens(tokens, self.cfg.val_fraction)
         self.train_set = BlockDataset(self.splits.train, self.block_len, self.stride)
         self.val_set = BlockDataset(self.splits.val, self.block_len, self.block_len)
         world = self._world()[1]
@@ -141,11 +155,19 @@ class LMDataModule(L.LightningDataModule):
         if self.seq_len_schedule is not None:  # training blocks of each phase's length
             self.train_set = self.seq_len_schedule.train_set(
                 self.splits.train, need, f"batch_size {self.cfg.batch_size} × grad_accum {self.cfg.grad_accum} × {world} ranks")
-        if self.cfg.val_fraction > 0 and len(self.val_set) < self.cfg.batch_size:
+        if self.has_validation and len(self.val_set) < self.cfg.batch_size:
+            fix = "Use a larger data.val_path" if self.val_source is not None else "Raise data.val_fraction or use more text"
             raise DataError(
                 f"the validation split has {len(self.splits.val)} tokens, fewer than one batch of "
-                f"{self.cfg.batch_size} blocks of {self.block_len} tokens. Raise data.val_fraction or use more text."
+                f"{self.cfg.batch_size} blocks of {self.block_len} tokens. {fix}."
             )
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether validation has data: data.val_fraction > 0, data.val_path, or a mixture entry's."""
+        if self.mixture is not None:
+            return self.mixture.has_validation
+        return self.val_source is not None or self.cfg.val_fraction > 0
 
     def fingerprint(self) -> dict:
         """What the data order of a run depends on; saved in checkpoints, compared on resume.
@@ -157,6 +179,8 @@ class LMDataModule(L.LightningDataModule):
         resume with another batch size or number of ranks continues the same stream.
         """
         self.prepare()
+        if self.mixture is not None:
+            return self.mixture.fingerprint(self)
         cfg = self.cfg
         paths = cfg.path if isinstance(cfg.path, (list, tuple)) or cfg.path is None else [cfg.path]
         return {
@@ -167,6 +191,8 @@ class LMDataModule(L.LightningDataModule):
             "data.source": cfg.source, "data.path": None if paths is None else [os.path.abspath(os.path.expanduser(str(p)))
                                                                              for p in paths],
             "data.text_field": cfg.text_field, "data.doc_separator": cfg.doc_separator, "data.hf_builder": cfg.hf_builder,
+            **({"val_corpus": tokens_digest(self.splits.val), "data.val_path": _abspaths(cfg.val_path)}
+               if self.val_source is not None else {}),
         }
 
     def setup(self, stage: str | None = None) -> None:
@@ -176,9 +202,9 @@ class LMDataModule(L.LightningDataModule):
         """(rank, size) among the data-parallel replicas: tensor-parallel peers read the same data."""
         return data_parallel_world(self.trainer)
 
-    def _loader(self, dataset, batch_sampler, cls=DataLoader) -> DataLoader:
+    def _loader(self, dataset, batch_sampler, cls=DataLoader, collate=None) -> DataLoader:
         return cls(
-            dataset, batch_sampler=batch_sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers,
+            dataset, batch_sampler=batch_sampler, collate_fn=collate or self.collate, num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
             # its own generator: creating an iterator must not draw from the global RNG, which
             # dropout uses and checkpoints restore
@@ -187,6 +213,8 @@ class LMDataModule(L.LightningDataModule):
 
     def train_sampler(self) -> StepBatchSampler:
         rank, world = self._world()
+        if getattr(self, "mixture", None) is not None:
+            return self.mixture.train_sampler(self.cfg, self.seed, rank, world, self.data_steps)
         if getattr(self, "stream_order", False):
             return StreamStepBatchSampler(len(self.train_set), self.cfg.batch_size, self.cfg.grad_accum, self.seed, rank,
                                           world, self.cfg.batch_ramp_start, self.cfg.batch_ramp_steps,
@@ -203,5 +231,13 @@ class LMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()
+        if getattr(self, "mixture", None) is not None:  # batches of one source each, tagged with its index
+            return self._loader(self.val_set, self.mixture.val_sampler(rank, world), collate=self.mixture.val_collate(
+                self.collate))
         sampler_cls = StreamSequentialBatchSampler if getattr(self, "stream_order", False) else SequentialBatchSampler
         return self._loader(self.val_set, sampler_cls(len(self.val_set), self.cfg.batch_size, self.val_batches, rank, world))
+
+
+def _abspaths(path) -> list[str]:
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    return [os.path.abspath(os.path.expanduser(str(p))) for p in paths]

@@ -105,9 +105,17 @@ def corpus_tokens(loaded: LoadedModel, data_overrides: list[str], opts: EvalOpti
     data = typed_section("data", node, DataConfig)
     source = pm.get("dataset", data.source).factory(data)
     cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
-    tokens = load_tokens(source, loaded.tokenizer, cache_dir)
     split = opts.split or ("val" if own else "all")
-    if split != "all":
+    if getattr(data, "mixture", None) and split != "all":
+        raise ConfigError(f"eval.split={split} of a data mixture: score one source at a time (data=text data.path=..."
+                          f" or the source's own kind), or eval.split=all; the run logged val/<source>/loss for each")
+    tokens = load_tokens(source, loaded.tokenizer, cache_dir)
+    if getattr(data, "val_path", None) and split != "all":  # a separate validation set: data.path is all training
+        if split == "val":
+            from lmkit.data.mixture import build_val_source
+
+            tokens = load_tokens(build_val_source(data, pm.get("dataset", data.source)), loaded.tokenizer, cache_dir)
+    elif split != "all":
         if data.val_fraction <= 0:
             raise ConfigError(f"eval.split={split} needs data.val_fraction > 0 (the corpus has no validation split)")
         parts = split_tokens(tokens, data.val_fraction)
@@ -115,6 +123,8 @@ def corpus_tokens(loaded: LoadedModel, data_overrides: list[str], opts: EvalOpti
     if opts.max_tokens:
         tokens = tokens[:opts.max_tokens]
     where = data.path if data.path else data.source
+    if getattr(data, "val_path", None) and split == "val":
+        where = data.val_path
     return tokens, {"source": data.source, "path": str(where), "split": split}
 
 

@@ -132,3 +132,19 @@ def test_task_eval_options_are_checked_before_training(tmp_path, capsys):
     _one_error(capsys, [*TINY, "callbacks=[task_eval]", "+callback_options.task_eval.tasks=[nope]",
                         f"hydra.run.dir={tmp_path / 'r'}"], "unknown task 'nope'")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_separate_validation_file_is_the_val_split_and_a_mixture_names_its_sources(eval_run, tmp_path, capsys):
+    train, val = "Now is the winter of our discontent.\n" * 3, "Made glorious summer by this sun of York.\n"
+    (tmp_path / "train.txt").write_text(train)
+    (tmp_path / "val.txt").write_text(val)
+    data = ["data=text", f"data.path={tmp_path / 'train.txt'}", f"data.val_path={tmp_path / 'val.txt'}"]
+    capsys.readouterr()
+    assert lmkit.cli.main(["evaluate", str(eval_run), *data, "eval.split=val", f"eval.output={tmp_path / 'v.json'}"]) == 0
+    _, result = _json(capsys)
+    assert result["corpus"]["split"] == "val" and result["corpus"]["tokens"] == len(val.encode()) + 1
+    assert lmkit.cli.main(["evaluate", str(eval_run), *data, "eval.split=train", f"eval.output={tmp_path / 't.json'}"]) == 0
+    _, result = _json(capsys)
+    assert result["corpus"]["tokens"] == len(train.encode()) + 1  # data.path is all training text
+    mixture = ["data=mixture", f"data.mixture=[{{source: text, path: {tmp_path / 'train.txt'}, weight: 1.0}}]"]
+    _one_error(capsys, ["evaluate", str(eval_run), *mixture, "eval.split=val"], "eval.split=val of a data mixture")

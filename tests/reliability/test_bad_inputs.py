@@ -244,6 +244,8 @@ CONFIG_CASES = [
      "model.attention is not an option of architecture 'bert'; only gpt, llama have it"),
     ("sequence-length phases not increasing", ["data.seq_len_schedule=[{until_step:5,seq_len:16},{until_step:3,seq_len:16}]"],
      "data.seq_len_schedule[1].until_step=3 is not after the previous phase's end (step 5)"),
+    ("mixture without its preset", ["data.mixture=[{source: text, path: a.txt, weight: 1}]"],
+     "data.mixture is an option of the data=mixture preset, not of data=tinyshakespeare"),
     ("a recipe's objective given again", ["experiment=roberta_recipe", "+objective=nsp"],
      "experiment=roberta_recipe already chooses the objective: drop '+objective=nsp'"),
     # objectives
