@@ -11,6 +11,7 @@ FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
     "lmkit-fsdp": {"strategy": ("fsdp", "fsdp_tp")},
     "lmkit-pipeline": {"strategy": ("pipeline",)},
     "lmkit-moe": {"strategy": ("expert_parallel",), "model_extension": ("moe",), "callback": ("moe_balance",)},
+    "lmkit-retrieval": {"command": ("retrieval",), "architecture": ("retro",), "model": ("retro_tiny", "retro_small")},
 }
 
 

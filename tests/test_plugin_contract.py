@@ -197,8 +197,8 @@ def test_incompatible_kind_lists_plugin_presets_too(contract):
         load_run_config(["model=bert_tiny"])
     msg = str(e.value)
     assert ("choose a model= preset that fits: gpt2_124m, gpt2_350m, gpt_small, gpt_tiny, llama_1b, llama_small, "
-            "llama_tiny, nomask_fn_tiny, nomask_tiny, transformer_xl_base") in msg
-    assert "(architectures: gpt, llama, nomask, nomask_fn, transformer_xl)" in msg
+            "llama_tiny, nomask_fn_tiny, nomask_tiny, retro_small, retro_tiny, transformer_xl_base") in msg
+    assert "(architectures: gpt, llama, nomask, nomask_fn, retro, transformer_xl)" in msg
 
 
 def test_architecture_accepts_resolution():

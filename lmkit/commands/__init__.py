@@ -64,6 +64,11 @@ def select_verb(argv: list[str], pm_factory) -> tuple[Verb, list[str]]:
     verbs = all_verbs(pm_factory())
     if word in verbs:
         return verbs[word], argv[1:]
+    from lmkit.first_party import not_installed_message
+
+    missing = not_installed_message(f"the command '{word}'", "command", word)
+    if missing:
+        raise ConfigError(missing)
     raise ConfigError(
         f"unknown command '{word}'.{did_you_mean(word, verbs)} Commands: {', '.join(verbs)}. "
         f"Training overrides are written key=value (e.g. trainer.max_steps=100); see python -m lmkit --help."

@@ -77,6 +77,7 @@ CAPABILITIES: dict[str, str] = {
     "pooled": "a pooled() sentence representation for sentence-level heads",
     "bilm_states": "separate forward and backward LM states from bilm_states(input_ids, padding_mask), as ELMo's",
     "two_stream": "XLNet's two-stream attention, two_stream(input_ids, perm_ranks, target_mask) (permutation LM)",
+    "neighbours": "retrieved neighbour tokens [B, chunks, k, r] (and neighbour_mask) for chunked cross-attention (RETRO)",
 }
 
 #: Forward keyword arguments that stand for a capability (``pooled`` is a method instead).
