@@ -142,7 +142,8 @@ class LMDataModule(L.LightningDataModule):
         else:
             self.splits = split_tokens(tokens, self.cfg.val_fraction)
         self.train_set = BlockDataset(self.splits.train, self.block_len, self.stride)
-        self.val_set = BlockDataset(self.splits.val, self.block_len, self.block_len)
+        # stream order: each validation segment continues the previous one (the memory's context), as in training
+        self.val_set = BlockDataset(self.splits.val, self.block_len, self.stride if self.stream_order else self.block_len)
         world = self._world()[1]
         need = self.cfg.batch_size * self.cfg.grad_accum * world
         if len(self.train_set) < need:

@@ -5,8 +5,9 @@ for the last ``memory_len`` positions before the segment (kept with stop-gradien
 :class:`~lmkit.models.memory.StreamMemory`) followed by the segment's own, causally. Positions
 enter only through :class:`~lmkit.models.relative_attention.RelativeAttention` (sinusoidal
 distance embeddings with learned biases u, v); there are no absolute positions. Post-LN blocks
-with a ReLU feed-forward, as the paper; the output embedding is the input embedding (tied), and
-there is no adaptive softmax or adaptive input.
+with a ReLU feed-forward, as the paper (``pre_lnorm``: pre-LN blocks, the reference code's option,
+with no final norm as there); the output embedding is the input embedding (tied), and there is no
+adaptive softmax or adaptive input.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ class TransformerXLConfig(ArchitectureConfig):
     recurrence: every segment alone). ``max_seq_len`` bounds ``data.seq_len`` (the segment)
     and generation's context; there are no position embeddings. ``d_head`` None =
     ``d_model // n_head``; ``d_ff`` None = ``4 * d_model``. ``attn_dropout``: on attention
-    probabilities (the paper's "dropatt").
+    probabilities (the paper's "dropatt"). ``pre_lnorm``: pre-LN blocks, the reference code's
+    ``pre_lnorm`` option (default False = post-LN, as the paper). Post-LN needs a long warmup at
+    lmkit's learning rates: with a short one the states collapse to one input-independent vector
+    and the loss stays at the unigram level for hundreds of steps.
     """
 
     name: str = "transformer_xl"
@@ -45,6 +49,7 @@ class TransformerXLConfig(ArchitectureConfig):
     vocab_size: int | None = None
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    pre_lnorm: bool = False
     init: str = "normal"
     init_std: float = 0.02
     compile: bool = False
@@ -62,7 +67,11 @@ class TransformerXLConfig(ArchitectureConfig):
 
 
 class Block(nn.Module):
-    """Post-LN block: h = LN(h + attn([memory ∘ h])), then LN(h + mlp(h))."""
+    """Post-LN block: h = LN(h + attn([memory ∘ h])), then LN(h + mlp(h)).
+
+    With ``pre_lnorm`` (the reference's ``pre_lnorm``): h = h + attn(LN([memory ∘ h])), then
+    h + mlp(LN(h)); the memory holds the un-normalized layer inputs either way.
+    """
 
     def __init__(self, cfg: TransformerXLConfig):
         super().__init__()
@@ -71,10 +80,17 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, "relu", cfg.dropout)
         self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.pre_lnorm = cfg.pre_lnorm
 
     def forward(self, x, context, pos_emb, index, mask):
         """``x`` [B, T, D] the segment, ``context`` [B, K, D] its keys (memory ∘ segment); ``pos_emb``
         [R, D] and ``index`` [T, K] from :func:`relative_layout`; ``mask`` bool, True = may attend."""
+        if self.pre_lnorm:
+            normed = self.ln_1(context)  # queries are the segment's last T rows of the normalized context
+            k, v = self.attn.keys_values(normed)
+            out = self.attn.attend(normed[:, -x.shape[1]:], k, v, self.attn.position_keys(pos_emb), index, mask)
+            x = x + self.drop(out)
+            return x + self.mlp(self.ln_2(x))
         k, v = self.attn.keys_values(context)
         out = self.attn.attend(x, k, v, self.attn.position_keys(pos_emb), index, mask)
         x = self.ln_1(x + self.drop(out))

@@ -21,18 +21,18 @@ from lmkit_test_utils import TINY, one_error_line
 XL = TINY + ["model=transformer_xl_tiny"]  # memory_len = data.seq_len (32)
 
 
-def _model(memory_len: int, seed: int = 0) -> TransformerXL:
+def _model(memory_len: int, seed: int = 0, pre_lnorm: bool = False) -> TransformerXL:
     torch.manual_seed(seed)
     return TransformerXL(TransformerXLConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, memory_len=memory_len,
-                                             max_seq_len=64)).eval()
+                                             max_seq_len=64, pre_lnorm=pre_lnorm)).eval()
 
 
-@pytest.mark.parametrize("M", [8, 4, 12])  # one segment, less, more than one (L = 8)
-def test_recurrence_equals_one_forward_over_the_concatenation_with_a_block_mask(M):
+@pytest.mark.parametrize("M, pre_lnorm", [(8, False), (4, False), (12, False), (4, True)])  # L = 8
+def test_recurrence_equals_one_forward_over_the_concatenation_with_a_block_mask(M, pre_lnorm):
     """3 segments with memory M = a forward over the 3L tokens where a query of segment τ sees its own segment
     causally and the M positions before it (the paper's attention span), positions given explicitly."""
     L, B, D = 8, 2, 32
-    model = _model(M)
+    model = _model(M, pre_lnorm=pre_lnorm)
     ids = torch.randint(0, 50, (B, 3 * L), generator=torch.Generator().manual_seed(1))
     model.stream_memory.mode = "val"
     with torch.no_grad():
@@ -47,6 +47,34 @@ def test_recurrence_equals_one_forward_over_the_concatenation_with_a_block_mask(
             x = block(x, x, pos_emb, index, mask[None, None])
     torch.testing.assert_close(got, x, atol=1e-5, rtol=0)
     assert [m.shape for m in model.stream_memory.read(B)] == [(B, M, D)] * 2
+
+
+def test_pre_lnorm_block_is_the_reference_pre_ln_composition():
+    """pre_lnorm (the reference's RelPartialLearnableDecoderLayer with pre_lnorm=True): the attention reads
+    LN([memory ∘ h]) and adds to h unnormalized, the feed-forward reads LN of that; post-LN normalizes the sums."""
+    T, M = 6, 5
+    model = _model(M, pre_lnorm=True)
+    block = model.blocks[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in block.parameters():  # LN weights away from 1/0, so that a missing or extra LN shows
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        memory, x = 2.0 * torch.randn(2, M, 32, generator=g), 2.0 * torch.randn(2, T, 32, generator=g)
+        context = torch.cat([memory, x], 1)
+        distances, index = relative_layout(torch.arange(M, M + T), torch.arange(M + T))
+        pos_emb = sinusoid_embedding(distances, 32)
+        mask = (torch.arange(M + T)[None, :] <= torch.arange(M, M + T)[:, None])[None, None]
+        attn = block.attn
+        normed = torch.nn.functional.layer_norm(context, (32,), block.ln_1.weight, block.ln_1.bias)
+        k, v = attn.keys_values(normed)
+        h = x + attn.attend(normed[:, M:], k, v, attn.position_keys(pos_emb), index, mask)
+        want = h + block.mlp(torch.nn.functional.layer_norm(h, (32,), block.ln_2.weight, block.ln_2.bias))
+        torch.testing.assert_close(block(x, context, pos_emb, index, mask), want, atol=1e-5, rtol=0)
+        block.pre_lnorm = False
+        k, v = attn.keys_values(context)
+        h = block.ln_1(x + attn.attend(x, k, v, attn.position_keys(pos_emb), index, mask))
+        torch.testing.assert_close(block(x, context, pos_emb, index, mask), block.ln_2(h + block.mlp(h)), atol=1e-5,
+                                   rtol=0)
 
 
 def test_the_memory_receives_no_gradient():
@@ -155,6 +183,12 @@ def test_the_data_module_serves_stream_order_for_a_model_with_memory(tmp_path):
     assert isinstance(built.datamodule.train_sampler(), StreamStepBatchSampler)
     built.datamodule.trainer = built.trainer
     assert isinstance(built.datamodule.val_dataloader().batch_sampler, StreamSequentialBatchSampler)
+    # consecutive validation segments of a lane are contiguous text: the next block starts where this one's
+    # inputs end (its last token is this block's last label), with no gap for the memory to skip
+    built.datamodule.setup("validate")
+    val = built.datamodule.val_set
+    first, second = val[(0, 0)][0], val[(1, 1)][0]
+    assert torch.equal(first[-1:], second[:1]) and len(val) == (len(built.datamodule.splits.val) - 1) // (len(first) - 1)
     plain = build(XL + ["model.memory_len=0"], tmp_path / "plain")
     assert not plain.module.model.stream_order
     assert type(plain.datamodule.train_sampler()) is StepBatchSampler
