@@ -51,10 +51,17 @@ def help_text(pm) -> str:
             "  --cfg job       print the composed config without training",
             "  --version       lmkit's and its plugins' versions",
             "  --hydra-help    Hydra's own flags"]
+    def installed(kind: str, name: str) -> bool:
+        if kind == "command":
+            from lmkit.commands import all_verbs
+
+            return name in all_verbs(pm)
+        # callbacks and config-group presets (model=...) are named through their component
+        return kind not in pm.registries or kind == "callback" or name in pm.registries[kind]
+
     missing = []
     for dist, provides in FIRST_PARTY.items():
-        names = [n for kind, ns in provides.items() for n in ns
-                 if kind != "callback" and n not in pm.registries[kind]]
+        names = [n for kind, ns in provides.items() for n in ns if not installed(kind, n)]
         if names:
             missing.append(f"  {', '.join(names)}: {install_hint(dist)}")
     if missing:

@@ -22,6 +22,9 @@ Build options:
   device=cpu  threads=N     torch and faiss threads (default: torch's)
   force=false               replace an existing OUT_DIR
 Search options: query=TEXT (required), k=4, exclude_doc=N, nprobe=N, ef_search=N, device, threads.
+evaluate: python -m lmkit retrieval evaluate RUN_OR_HF_DIR store=STORE_DIR [data=...] [stride=4] [query_len=32]
+  [k=1] [seq_len=N] [exclude_same_document=false] [batch_size=16] [split=] [max_tokens=N] [output=PATH]: In-Context
+  RALM bits/byte and perplexity of a decoder with and without retrieved neighbours prepended (lmkit_retrieval/ralm.py).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ USAGE = ("usage: python -m lmkit retrieval build OUT_DIR encoder=RUN_OR_HF_DIR [
          "[chunk_len=64] [index=flat|ivfpq|hnsw] [OPTION=VALUE ...] | python -m lmkit retrieval search STORE_DIR "
          "query=TEXT [k=4]")
 SUBCOMMANDS = ("build", "search")
+SUBCOMMANDS = (*SUBCOMMANDS, "evaluate")  # In-Context RALM: lmkit_retrieval/ralm.py
 INT_OPTIONS = ("chunk_len", "nlist", "m", "nbits", "nprobe", "train_size", "M", "ef_construction", "ef_search", "seed",
                "shard_size", "batch_size", "max_tokens", "threads", "k", "exclude_doc")
 INDEX_OPTIONS = ("nlist", "m", "nbits", "nprobe", "train_size", "M", "ef_construction", "ef_search", "seed")
@@ -183,4 +187,8 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(__doc__.strip().replace("``", ""))
         return 0
+    if sub == "evaluate":
+        from lmkit_retrieval.ralm import main as ralm_main
+
+        return ralm_main(rest)
     return build(rest) if sub == "build" else search(rest)
