@@ -75,6 +75,11 @@ def load_tokens(source: Source, tokenizer: Tokenizer, cache_dir: Path) -> np.nda
             raise ValueError(f"unexpected array {tokens.dtype}{tokens.shape}")
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"lmkit: token cache {path} is unreadable ({e}); rebuilding it", stacklevel=2)
+    if getattr(source, "token_array", None) is None:  # streamed in bounded memory, one shard per file
+        from lmkit.data.tokenize_stream import build_token_cache
+
+        with cache_writes(path.parent):
+            return build_token_cache(source, tokenizer, path)
     tokens = build_token_array(source, tokenizer)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
     with cache_writes(path.parent):
