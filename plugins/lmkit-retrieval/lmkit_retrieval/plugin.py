@@ -34,6 +34,15 @@ def lmkit_register_architectures():
 
 
 @lmkit.hookimpl
+def lmkit_register_objectives():
+    """``+objective=retro_lm``: causal LM on ``retro`` with neighbours from a datastore (:mod:`lmkit_retrieval.objective`)."""
+    from lmkit_retrieval.objective import RetroLM, RetroLMConfig
+
+    return [lmkit.Component("retro_lm", RetroLM, RetroLMConfig, "causal LM with retrieved neighbours (RETRO)",
+                            meta={"kinds": RetroLM.kinds, "default_model": "retro_tiny", "needs": RetroLM.needs_for})]
+
+
+@lmkit.hookimpl
 def lmkit_config_dirs():
     """``conf/model/retro_*.yaml``."""
     from pathlib import Path

@@ -1,0 +1,176 @@
+"""``retro_lm``: RETRO trained with neighbours from a datastore (issue 18)."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lmkit_retrieval import Datastore, build_store
+from retrieval_helpers import CHUNK, encoder, encoder_run, one_error_line  # noqa: F401
+
+TEXT_CHARS = 12_000  # ~140 speeches; a few hundred training chunks of 16 bytes
+RUN = ["model=retro_tiny", "+objective=retro_lm", "model.n_layer=2", "model.cca_layers=[1]", "model.d_model=32",
+       "model.n_head=2", "model.enc_d_model=32", "model.enc_n_head=2", "model.max_seq_len=64", "data.seq_len=64",
+       "data.batch_size=4", "trainer.max_steps=30", "trainer.val_check_interval=30", "trainer.val_batches=2",
+       "trainer.progress_bar=false", "logger=none", "callbacks=[]", "scheduler.warmup_steps=1", "optimizer.lr=3e-3",
+       "data.source=text"]
+
+
+@pytest.fixture(scope="module")
+def corpus(encoder, tmp_path_factory):  # noqa: F811
+    """(data overrides, train tokens, store path): a small text corpus of speeches and a store of its train split."""
+    from lmkit.data.sources import BUILTIN_CORPORA
+    from lmkit_retrieval.command import corpus_stream
+
+    root = tmp_path_factory.mktemp("retro-train")
+    text = BUILTIN_CORPORA["tinyshakespeare"].read_text(encoding="utf-8")[:TEXT_CHARS]
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    data = ["data.source=text", f"data.path={root / 'corpus.txt'}", 'data.doc_separator="\n\n"',
+            f"data.cache_dir={root / 'cache'}"]
+    tokens, _ = corpus_stream(encoder.tokenizer, data, "train")
+    tokens = np.asarray(tokens, dtype=np.int64)
+    build_store(root / "store", tokens, encoder, chunk_len=CHUNK)
+    return data, tokens, root / "store"
+
+
+def _argv(corpus, *extra):
+    data, _, store = corpus
+    return RUN + data[1:] + [f"objective.store={store}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    import lmkit.api
+
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("retro-run")
+    return lmkit.api.run(_argv(corpus), run_dir)
+
+
+def _datamodule(corpus, tmp_path):
+    """The retro_lm data module of the test run, prepared (as training prepares it)."""
+    import lmkit.api
+
+    built = lmkit.api.build(_argv(corpus), tmp_path)
+    dm = built.datamodule
+    dm.prepare()
+    return dm
+
+
+def _brute_force(store, encoder, chunk, doc_range, k):  # noqa: F811
+    """Cosine top-k over every store embedding, skipping chunks whose value overlaps ``doc_range``."""
+    q = encoder.embed(chunk[None])[0]
+    e = np.asarray(store.embeddings, dtype=np.float64)
+    cos = e @ q / (np.linalg.norm(e, axis=1) * np.linalg.norm(q))
+    docs = store.docs
+    cos[(docs[:, 0] <= doc_range[1]) & (docs[:, 1] >= doc_range[0])] = -np.inf
+    return np.argsort(-cos, kind="stable")[:k]
+
+
+def _check_against_brute_force(dm, items, split_tokens, offset, stream, encoder, store):  # noqa: F811
+    """The collated neighbours of ``items`` (keyed blocks of one split starting at ``offset`` of ``stream``) are the
+    brute-force top-k of each chunk without its own document(s); returns the number of chunks checked."""
+    from lmkit_retrieval.store import document_ids
+
+    doc = document_ids(stream, encoder.tokenizer.eos_id)
+    batch = dm.collate(items)["micro_batches"][0]
+    B, l, k, r = batch["neighbours"].shape
+    assert (B, l, k, r) == (len(items), 64 // CHUNK, 2, 2 * CHUNK)
+    checked = 0
+    for row, ((_, (_, index)), _) in enumerate(items):
+        start = index * (dm.stride if items[0][0][1][0] == "train" else dm.val_set.blocks.stride)
+        assert torch.equal(batch["input_ids"][row], torch.from_numpy(split_tokens[start:start + 64]))
+        for u in range(l):
+            s = offset + start + u * CHUNK
+            rng = (doc[s], doc[s + CHUNK - 1])
+            want = _brute_force(store, encoder, stream[s:s + CHUNK], rng, k)
+            assert np.array_equal(batch["neighbours"][row, u].numpy(), store.neighbours(want)), (row, u)
+            # the leakage rule: no neighbour token comes from the chunk's own document(s)
+            assert not ((store.docs[want, 0] <= rng[1]) & (store.docs[want, 1] >= rng[0])).any()
+            real = store.neighbours(want) != store.manifest["pad_id"]
+            assert torch.equal(batch["neighbour_mask"][row, u], torch.from_numpy(real))
+            checked += 1
+    return checked
+
+
+def test_collated_neighbours_equal_brute_force_search_without_own_document(corpus, encoder, tmp_path):  # noqa: F811
+    _, tokens, store_path = corpus
+    store = Datastore.open(store_path)
+    dm = _datamodule(corpus, tmp_path)
+    train = np.asarray(dm.splits.train, dtype=np.int64)
+    val = np.asarray(dm.splits.val, dtype=np.int64)
+    assert np.array_equal(train, tokens)
+    stream = np.concatenate([train, val])
+    items = [dm.train_set[(i, i)] for i in (0, 3, len(dm.train_set) - 1)]
+    assert _check_against_brute_force(dm, items, train, 0, stream, encoder, store) == 3 * 4
+    # validation blocks (stride seq_len + 1: not on the stream's chunk grid), documents numbered after train's
+    items = [dm.val_set[(i, i)] for i in (0, len(dm.val_set) - 1)]
+    assert items[0][0][1][0] == "val"
+    assert _check_against_brute_force(dm, items, val, len(train), stream, encoder, store) == 2 * 4
+    # DataLoader workers get a pickled copy (the memory maps are reopened there): same batch
+    copy = pickle.loads(pickle.dumps(dm.collate))
+    a, b = dm.collate(items)["micro_batches"][0], copy(items)["micro_batches"][0]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_no_chunk_of_any_block_gets_its_own_document(corpus, encoder, tmp_path):  # noqa: F811
+    from lmkit_retrieval.store import document_ids
+
+    _, tokens, store_path = corpus
+    store = Datastore.open(store_path)
+    dm = _datamodule(corpus, tmp_path)
+    table = np.load(dm.collate.collator.tables["train"])
+    starts = np.arange(len(dm.train_set))[:, None] * dm.stride + np.arange(64 // CHUNK)[None] * CHUNK
+    doc = document_ids(tokens, encoder.tokenizer.eos_id)
+    lo, hi = doc[starts][..., None], doc[starts + CHUNK - 1][..., None]
+    span = store.docs[table]
+    assert (table >= 0).all()
+    assert not ((span[..., 0] <= hi) & (span[..., 1] >= lo)).any()
+
+
+def test_training_lowers_the_loss(trained):
+    start, end = trained["start"], trained["end"]
+    assert end["val/loss"] < start["val/loss"] - 1.0, (start, end)
+    assert end["val/bpb"] < start["val/bpb"]
+
+
+def test_bad_input_is_one_line(corpus, encoder, capsys, tmp_path):  # noqa: F811
+    data, tokens, store = corpus
+    base = [a for a in _argv(corpus) if not a.startswith("objective.store=")] + [f"hydra.run.dir={tmp_path / 'r'}"]
+    one_error_line(capsys, ["train", *base], "objective.store is required")
+    one_error_line(capsys, ["train", *base, f"objective.store={tmp_path / 'nope'}"], "does not exist")
+    one_error_line(capsys, ["train", *base, f"objective.store={store}", "objective.k=100000",
+                            "model.n_neighbours=100000"], "larger than the retrieval store")
+    one_error_line(capsys, ["train", *base, f"objective.store={store}", "data.seq_len=60"],
+                   "data.seq_len=60 must be a multiple of the store's chunk_len=16")
+    one_error_line(capsys, ["train", *[a for a in base if not a.startswith("model.")], "model=gpt_tiny",
+                            f"objective.store={store}"], "needs an architecture that accepts neighbours")
+    shifted = build_store(tmp_path / "shifted", tokens[CHUNK * 3 + 5:CHUNK * 20], encoder, chunk_len=CHUNK)
+    one_error_line(capsys, ["train", *base, f"objective.store={shifted.path}"], "holds other text")
+    other = build_store(tmp_path / "other", tokens[:CHUNK * 8], _OtherTokenizerEncoder(encoder), chunk_len=CHUNK)
+    one_error_line(capsys, ["train", *base, f"objective.store={other.path}"], "another tokenizer")
+
+
+class _OtherTokenizerEncoder:
+    """The test encoder under another tokenizer (a byte tokenizer with a different fingerprint)."""
+
+    def __init__(self, encoder):  # noqa: F811
+        self._e = encoder
+        self.tokenizer = _Renamed(encoder.tokenizer)
+        self.path, self.fingerprint = encoder.path, encoder.fingerprint
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+
+class _Renamed:
+    def __init__(self, tok):
+        self._t = tok
+
+    def fingerprint(self):
+        return "another-" + self._t.fingerprint()
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
