@@ -266,7 +266,12 @@ def test_schedule_refused_for_objectives_without_packed_text(capsys):
      "data.seq_len_schedule's last phase ends at step 4, not before the end of the run (trainer.max_steps=4): no step "
      "trains at data.seq_len=32. Lower its until_step if that is not what you want."),
 ])
-def test_phases_past_the_end_of_the_run_warn_once(capsys, args, expected):
+def test_phases_past_the_end_of_the_run_warn_once(capsys, monkeypatch, args, expected):
+    from hydra.core.hydra_config import HydraConfig
+
+    # an in-process CLI run earlier in the session leaves Hydra's config set, which means "inside a run: the
+    # pre-flight check already warned"; this test is the pre-flight check
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
     capsys.readouterr()
     load_run_config([*TINY, *args])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmkit: warning:")]
