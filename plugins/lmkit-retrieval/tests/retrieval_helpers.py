@@ -8,9 +8,15 @@ suite's ``conftest`` module when collected together with it): import them into a
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # the core suite's helpers, as lmkit-moe
+from lmkit_test_utils import one_error_line  # noqa: E402,F401  (re-exported for this plugin's tests)
 
 CHUNK = 16
 STREAM_TOKENS = 40 * 64 + 37  # 162 chunks of 16 plus a 5-token tail
@@ -58,14 +64,3 @@ def reference_doc_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
         out[i] = doc
         doc += t == eos_id
     return out
-
-
-def one_error_line(capsys, argv, expected) -> None:
-    """``lmkit.cli.main(argv)`` exits 2 with exactly one ``lmkit: error:`` line, which contains ``expected``."""
-    import lmkit.cli
-
-    capsys.readouterr()
-    assert lmkit.cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("lmkit: error:")]
-    assert len(lines) == 1 and expected in lines[0], err
