@@ -48,6 +48,7 @@ class LMModule(L.LightningModule):
         self.val_nll, self.val_targets, self.val_bytes, self.val_loss = (SumMetric() for _ in range(4))
         self.history: list[dict] = []  # per-validation summaries, for the CLI report
         self.val_by_source = None  # data.mixture: per-source sums (lmkit.data.mixture.SourceMetrics, set by train)
+        self.val_by_length = None  # data.val_seq_lens: per-length sums (a SourceMetrics too, set by train)
         #: Input tokens of this rank's latest training step: ``input_ids`` elements (padding
         #: included) summed over the step's micro-batches; 0 before the first step. Public, for
         #: callbacks (``train/tokens_per_s``): multiply by the data-parallel replicas for the
@@ -202,8 +203,12 @@ class LMModule(L.LightningModule):
 
     # -- validation ---------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
+        length = batch.get("val_len", 0)  # data.val_seq_lens: set k > 0 is the k-th extra length
         for mb in batch["micro_batches"]:
             out = self.plan_evaluate(self, mb) if self.plan_evaluate else self.objective.loss(self.model, mb)
+            if length:  # counted in val/len<L>/* only: val/loss stays the loss at data.seq_len
+                self.val_by_length.update(length - 1, out)
+                continue
             self.val_loss.update(out.loss_sum.float())
             self.val_targets.update(out.n_targets.float())
             for name, value in out.logs.items():  # the objective's own metrics, averaged over batches
@@ -237,6 +242,8 @@ class LMModule(L.LightningModule):
             m.reset()
         if self.val_by_source is not None:
             summary.update(self.val_by_source.log(self))
+        if self.val_by_length is not None:
+            summary.update(self.val_by_length.log(self))
         self.history.append(summary)
 
     # -- checkpoint state ---------------------------------------------------------

@@ -19,6 +19,9 @@ _IGNORED_WARNINGS = (
     ("It is recommended to use `self.log('val/loss'", "already synced"),
     ("It is recommended to use `self.log('val/ppl'", "already synced"),
     ("It is recommended to use `self.log('val/bpb'", "already synced"),
+    # data=litdata: litdata's StreamingDataset gives each rank and worker its own chunks, so its length is exact
+    ("Your `IterableDataset` has `__len__` defined. In combination with multi-process data loading",
+     "litdata assigns every worker its own chunks"),
 )
 _IGNORED_INFO = ("💡 Tip: For seamless cloud logging",)  # an advertisement printed by every Trainer
 

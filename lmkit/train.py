@@ -57,6 +57,9 @@ def build_tokenizer(run: RunConfig, source, cache_dir: Path):
     tok_cfg = run.tokenizer
     if needed is not None:
         tok_cfg = dataclasses.replace(tok_cfg, num_sentinels=max(tok_cfg.num_sentinels, needed(run.objective, run.data.seq_len)))
+    own = getattr(source, "tokenizer_for", None)  # a token store (data=litdata) brings the tokenizer it was written with
+    if own is not None:
+        return own(tok_cfg)
     return run.tokenizer_component.factory(tok_cfg, source, cache_dir)
 
 
@@ -256,7 +259,12 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
                           f"packed text stream, but objective '{run.objective_component.name}' serves separate "
                           f"examples; set model.memory_len=0")
     if datamodule is None:
-        datamodule = LMDataModule(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
+        from lmkit.data.litdata_store import LitdataStore
+
+        datamodule_cls = LMDataModule
+        if isinstance(source, LitdataStore):  # data=litdata: streamed by litdata's loader
+            from lmkit.data.litdata_module import LitdataDataModule as datamodule_cls
+        datamodule = datamodule_cls(run.data, source, tokenizer, objective, run.data.seq_len, run.seed, cache_dir,
                                   run.trainer.val_batches, data_steps=lambda: module.data_steps,
                                   stream_order=getattr(model, "stream_order", False),  # recurrence memory
                                   val_source=val_source)
@@ -264,6 +272,12 @@ def build_run(run: RunConfig, pm, run_dir: Path) -> BuiltRun:
     module.data_fingerprint = datamodule.fingerprint()  # saved in checkpoints, compared on resume
     if getattr(datamodule, "mixture", None) is not None:  # val/<name>/loss per source
         module.val_by_source = datamodule.mixture.metrics(getattr(objective, "scores_every_byte", False))
+    if getattr(datamodule, "val_lengths", None):  # val/len<L>/loss per extra validation length
+        from lmkit.data.mixture import SourceMetrics
+        from lmkit.data.val_lengths import metric_names
+
+        module.val_by_length = SourceMetrics(metric_names(datamodule.val_lengths),
+                                             getattr(objective, "scores_every_byte", False))
     if ckpt_path is not None:
         note = check_same_data(ckpt_state["lmkit"].get("data"), module.data_fingerprint, ckpt_path,
                                allow_change=bool(run.raw.get("resume_allow_data_change", False)))

@@ -163,7 +163,15 @@ def lmkit_register_datasets():
         Component("hf", lambda cfg: s.HFDatasetSource(cfg.path, cfg.hf_builder or "json", cfg.text_field),
                   description="local files through HF datasets (json/csv/parquet/text builders)"),
         Component("mixture", _build_mixture, description="weighted mixture of sources (data.mixture), The Pile style"),
+        Component("litdata", _open_litdata_store,
+                  description="token shards written by python -m lmkit optimize, streamed by litdata (local or s3://)"),
     ]
+
+
+def _open_litdata_store(cfg):
+    from lmkit.data.litdata_store import LitdataStore
+
+    return LitdataStore(cfg.path, cfg.cache_dir)
 
 
 def _build_mixture(cfg):

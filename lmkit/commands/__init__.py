@@ -35,6 +35,7 @@ BUILTIN_VERBS = {
     "summarize": Verb("summarize", "a multirun's jobs with their overrides and final validation metrics, best first (summary.csv)", _lazy("summarize")),
     "evaluate": Verb("evaluate", "score a model on a corpus (perplexity, bits/byte) and on few-shot tasks; JSON + table", _lazy("evaluate")),
     "estimate": Verb("estimate", "FLOPs, time at an assumed MFU, energy and CO2e of a planned run (no model is built)", _lazy("estimate")),
+    "optimize": Verb("optimize", "tokenize a corpus into a litdata token store (train/val shards) for data=litdata", _lazy("optimize")),
     "plugins": Verb("plugins", "list every component with its provider and version, and plugins that failed", _lazy("plugins")),
 }
 

@@ -74,6 +74,7 @@ class DataConfig:
     batch_ramp_steps: int = 0  # 0 = no ramp
     # earlier phases at other lengths: [{until_step: N, seq_len: S}, ...]; data.seq_len after the last (BERT's 128 -> 512)
     seq_len_schedule: Any = None
+    val_seq_lens: Any = None  # validate at these lengths too: val/len<L>/loss (lmkit.data.val_lengths)
     num_workers: int = 0
     cache_dir: str | None = None
 
@@ -94,6 +95,9 @@ class DataConfig:
         from lmkit.data.seq_len_schedule import check_schedule
 
         self.seq_len_schedule = check_schedule(self.seq_len_schedule)
+        from lmkit.data.val_lengths import check_val_seq_lens
+
+        self.val_seq_lens = check_val_seq_lens(self.val_seq_lens)
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"data.text_field must name the JSON field or column holding the text, got {self.text_field!r}")
         self.path = _check_data_path(self.path)

@@ -445,6 +445,9 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
     from lmkit.data.mixture import check_run as check_mixture_run
 
     check_mixture_run(data, pm, objective_c)  # data.mixture's sources, data.val_path with the objective
+    from lmkit.data.litdata_store import check_run as check_litdata_run
+
+    check_litdata_run(data, objective_c)
     # under torchrun/SLURM, devices and nodes left at their defaults come from the launcher
     trainer = apply_launch(typed_section("trainer", cfg.get("trainer", {}), TrainerConfig), strict=False)
     logger = typed_section("logger", cfg.get("logger", {}), LoggerConfig)
@@ -460,6 +463,9 @@ def resolve_run(cfg: DictConfig, pm, model_choice: str | None = None) -> RunConf
 
         check_max_len(data.seq_len_schedule, max_len)
         check_objective(data.seq_len_schedule, objective_c)
+    from lmkit.data.val_lengths import check_run as check_val_lengths
+
+    check_val_lengths(data, objective_c, max_len)
     if getattr(model, "attention_window", None) is not None:
         from lmkit.models.local_attention import check_window_fits
 

@@ -63,10 +63,15 @@ def build_token_array(source: Source, tokenizer: Tokenizer) -> np.ndarray:
     return tokens
 
 
+def token_cache_path(source: Source, tokenizer: Tokenizer, cache_dir: Path) -> Path:
+    """Where :func:`load_tokens` keeps the packed tokens of ``source`` (keyed by corpus and tokenizer)."""
+    key = hashlib.sha256(f"{source.fingerprint()}|{tokenizer.fingerprint()}".encode()).hexdigest()[:24]
+    return Path(cache_dir) / "tokens" / f"{key}.npy"
+
+
 def load_tokens(source: Source, tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
     """The packed token array of ``source``, from the cache when present (memory-mapped)."""
-    key = hashlib.sha256(f"{source.fingerprint()}|{tokenizer.fingerprint()}".encode()).hexdigest()[:24]
-    path = Path(cache_dir) / "tokens" / f"{key}.npy"
+    path = token_cache_path(source, tokenizer, cache_dir)
     if path.exists():
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)

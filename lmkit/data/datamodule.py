@@ -122,6 +122,12 @@ class LMDataModule(L.LightningDataModule):
         self.splits: DataSplits | None = None
         self.val_source = val_source  # data.val_path's source (lmkit.data.mixture.build_val_source), or None
         self.mixture = None  # data.mixture's blocks and samplers (lmkit.data.mixture.MixtureData)
+        self.val_lengths = getattr(data_cfg, "val_seq_lens", None)  # more validation lengths (lmkit.data.val_lengths)
+        if stream_order and self.val_lengths:
+            from lmkit.errors import ConfigError
+
+            raise ConfigError("data.val_seq_lens cannot be combined with a model whose memory needs stream-ordered "
+                              "batches (model.memory_len > 0): set data.val_seq_lens=null or model.memory_len=0")
 
     def prepare(self) -> None:
         """Tokenize (or load the cache) and check there is enough data; idempotent."""
@@ -162,6 +168,12 @@ class LMDataModule(L.LightningDataModule):
                 f"the validation split has {len(self.splits.val)} tokens, fewer than one batch of "
                 f"{self.cfg.batch_size} blocks of {self.block_len} tokens. {fix}."
             )
+        if self.val_lengths and self.has_validation:  # data.val_seq_lens: one more set of blocks per length
+            from lmkit.data.mixture import ConcatBlocks
+            from lmkit.data.val_lengths import length_sets
+
+            self.val_set = ConcatBlocks([self.val_set] + length_sets(self.splits.val, self.objective, self.val_lengths,
+                                                                     self.cfg.batch_size))
 
     @property
     def has_validation(self) -> bool:
@@ -235,6 +247,13 @@ class LMDataModule(L.LightningDataModule):
         if getattr(self, "mixture", None) is not None:  # batches of one source each, tagged with its index
             return self._loader(self.val_set, self.mixture.val_sampler(rank, world), collate=self.mixture.val_collate(
                 self.collate))
+        if getattr(self, "val_lengths", None):  # batches of one length each, tagged val_len = its set's index
+            from lmkit.data.mixture import MixtureValSampler, SourceCollate
+
+            sampler = MixtureValSampler([len(s) for s in self.val_set.sets], self.cfg.batch_size, self.val_batches,
+                                        rank, world)
+            return self._loader(self.val_set, sampler, collate=SourceCollate(self.collate, self.val_set.offsets,
+                                                                             key="val_len"))
         sampler_cls = StreamSequentialBatchSampler if getattr(self, "stream_order", False) else SequentialBatchSampler
         return self._loader(self.val_set, sampler_cls(len(self.val_set), self.cfg.batch_size, self.val_batches, rank, world))
 

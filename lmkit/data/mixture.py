@@ -370,15 +370,16 @@ class ConcatBlocks(torch.utils.data.Dataset):
 
 class SourceCollate:
     """The validation collate of a mixture: the batch (all of one source) gets ``source`` = its index, and the
-    objective sees the blocks' positions within their source, as a run on that source alone would."""
+    objective sees the blocks' positions within their source, as a run on that source alone would. (``key``:
+    another name for the index, e.g. ``val_len`` for data.val_seq_lens' sets.)"""
 
-    def __init__(self, collate, offsets):
-        self.collate, self.offsets = collate, np.asarray(offsets)
+    def __init__(self, collate, offsets, key: str = "source"):
+        self.collate, self.offsets, self.key = collate, np.asarray(offsets), key
 
     def __call__(self, items):
         k = int(np.searchsorted(self.offsets, items[0][1], side="right") - 1)
         out = self.collate([(block, int(p - self.offsets[k])) for block, p in items])
-        out["source"] = k
+        out[self.key] = k
         return out
 
 
