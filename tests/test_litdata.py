@@ -117,6 +117,38 @@ def test_ranks_read_disjoint_blocks_covering_the_split(store, monkeypatch):
     assert len(a | b) >= n_blocks - 2 * 15  # drop_last evens the ranks out: a block or so per chunk at most
 
 
+def test_parts_written_on_several_machines_merge_into_one_store(store, tmp_path, capsys):
+    """--part R/N tokenizes the R-th share of the files; --merge joins the parts in rank order."""
+    import lmkit.cli
+
+    data = ["data=text", f"data.path={store['corpus']}", f"data.cache_dir={store['cache']}"]
+    for rank in (1, 0):
+        optimize(str(tmp_path / f"p{rank}"), data, chunk_tokens=CHUNK, workers=1, part=(rank, 2))
+    parts = [str(tmp_path / "p0"), str(tmp_path / "p1")]
+    assert lmkit.cli.main(["optimize", str(tmp_path / "merged"), "--merge", parts[1], parts[0]]) == 0
+    assert "data=litdata data.path=" in capsys.readouterr().out
+    files = sorted(store["corpus"].iterdir())
+    expected = []
+    for share in (files[:30], files[30:]):  # each part: its files' stream, less its own validation tail
+        tokens = np.asarray(load_tokens(TextSource([str(f) for f in share]), ByteTokenizer(), store["cache"]))
+        expected.append(tokens[:len(tokens) - int(len(tokens) * 0.1)])
+    assert np.array_equal(_chunks_tokens(tmp_path / "merged" / "train"), np.concatenate(expected))
+    meta = json.loads((tmp_path / "merged" / "lmkit.json").read_text())
+    assert meta["tokens"]["train"] == sum(len(e) for e in expected) and meta["merged_parts"] == 2
+    built = build(TINY + ["data=litdata", f"data.path={tmp_path / 'merged'}"], tmp_path / "run")
+    index = json.loads((tmp_path / "merged" / "train" / "index.json").read_text())
+    assert built.datamodule.n_train == sum(c["dim"] // 33 for c in index["chunks"]) > 0
+    # refused: a repeated part, a whole store, a share larger than the files, too few parts named
+    one_error_line(capsys, ["optimize", str(tmp_path / "m2"), "--merge", parts[0], parts[0]],
+                   "needs the 2 parts of the corpus, ranks 0..1, each once; got ranks [0, 0]")
+    one_error_line(capsys, ["optimize", str(tmp_path / "m2"), "--merge", parts[0], str(store["path"])],
+                   "is a whole store, not a part")
+    one_error_line(capsys, ["optimize", str(tmp_path / "m2"), "--merge", parts[0]], "at least two")
+    one_error_line(capsys, ["optimize", str(tmp_path / "m2"), "--part", "2/2"], "--part takes R/N with 0 <= R < N")
+    one_error_line(capsys, ["optimize", str(tmp_path / "m2"), "--part", "0/2"], "has 1 file: use at most that many")
+    assert not (tmp_path / "m2").exists()
+
+
 # -- training -----------------------------------------------------------------------------
 def test_validation_equals_the_text_source_on_the_same_corpus(store, tmp_path):
     """Validation reads the store's val/ blocks in the order data=text reads its split: same model, same loss."""

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +58,10 @@ def _spans(path: Path, start: int, end: int, chunk_tokens: int, dtype: str) -> l
     return [(str(path), s, min(s + chunk_tokens, end), dtype) for s in range(start, end, chunk_tokens)]
 
 
-def write_store(out_dir, splits: dict[str, tuple[Path, int, int]], tokenizer, info: dict, *,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, workers: int = 1, overwrite: bool = False) -> dict:
-    """Write a store from token cache files: ``splits[name] = (cache .npy file, start, end)``.
-
-    ``info`` (source, settings, digests) goes into lmkit.json next to the format and the tokenizer. The
-    store appears at ``out_dir`` only when complete; an existing one is replaced only with ``overwrite``.
-    """
-    import litdata
-
-    from lmkit.data.cache import token_dtype
-
+@contextmanager
+def _new_store(out_dir, overwrite: bool):
+    """A temporary directory beside ``out_dir`` to write a store into; renamed to ``out_dir`` when the block ends
+    without an error (replacing an existing store only with ``overwrite``), else removed."""
     if is_remote(out_dir):
         raise DataError(f"optimize writes a local directory, not '{out_dir}': write it locally, then copy it to "
                         f"object storage (e.g. aws s3 sync DIR {out_dir}) and train with data.path={out_dir}")
@@ -80,12 +74,36 @@ def write_store(out_dir, splits: dict[str, tuple[Path, int, int]], tokenizer, in
             raise DataError(f"'{out}' exists and is not an lmkit store (no {META_FILE}): --force replaces "
                             f"only a store. Choose another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    dtype = np.dtype(token_dtype(tokenizer.vocab_size)).name
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay on the store after the rename
     try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_store(out_dir, splits: dict[str, tuple[Path, int, int]], tokenizer, info: dict, *,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, workers: int = 1, overwrite: bool = False) -> dict:
+    """Write a store from token cache files: ``splits[name] = (cache .npy file, start, end)``.
+
+    ``info`` (source, settings, digests) goes into lmkit.json next to the format and the tokenizer. The
+    store appears at ``out_dir`` only when complete; an existing one is replaced only with ``overwrite``.
+    """
+    import litdata
+
+    from lmkit.data.cache import token_dtype
+
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size)).name
+    with _new_store(out_dir, overwrite) as tmp:
         counts = {}
         for name, (path, start, end) in splits.items():
             if end <= start:
@@ -100,15 +118,51 @@ def write_store(out_dir, splits: dict[str, tuple[Path, int, int]], tokenizer, in
         meta = {"format": FORMAT, "tokenizer": {**info.pop("tokenizer"), "fingerprint": text_fingerprint(tokenizer)},
                 "dtype": dtype, "chunk_tokens": chunk_tokens, "tokens": counts, **info}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def merge_stores(out_dir, parts: list[str], *, overwrite: bool = False) -> dict:
+    """One store from the parts ``optimize --part R/N`` wrote on N machines: every part of one corpus and one
+    tokenizer, each rank once; chunks concatenated in rank order (litdata's merge_datasets), per split."""
+    import contextlib
+    import hashlib
+    import io
+
+    import litdata
+
+    stores = [LitdataStore(p) for p in parts]
+    first = stores[0].meta
+    for store in stores:
+        meta = store.meta
+        if "part" not in meta:
+            raise DataError(f"'{store.path}' is a whole store, not a part written by optimize --part R/N")
+        if meta["tokenizer"]["fingerprint"] != first["tokenizer"]["fingerprint"] or meta["dtype"] != first["dtype"]:
+            raise DataError(f"parts '{stores[0].path}' and '{store.path}' were written by different tokenizers: "
+                            f"write every part with the same tokenizer settings")
+        if meta["part"]["corpus"] != first["part"]["corpus"]:
+            raise DataError(f"parts '{stores[0].path}' and '{store.path}' were written from different corpora or "
+                            f"settings (data.path, its files, data.val_fraction): write every part from the same ones")
+    count = first["part"]["count"]
+    ranks = sorted(store.meta["part"]["rank"] for store in stores)
+    if ranks != list(range(count)) or any(s.meta["part"]["count"] != count for s in stores):
+        raise DataError(f"merging needs the {count} parts of the corpus, ranks 0..{count - 1}, each once; got ranks "
+                        f"{ranks}")
+    stores.sort(key=lambda s: s.meta["part"]["rank"])
+    with _new_store(out_dir, overwrite) as tmp:
+        counts, digests = {}, {}
+        for split in SPLITS:
+            dirs = [s.split_dir(split) for s in stores if split in s.indexes]
+            if not dirs:
+                continue
+            with contextlib.redirect_stderr(io.StringIO()):  # litdata's progress bar
+                litdata.merge_datasets(dirs, str(tmp / split))
+            counts[split] = sum(s.meta["tokens"].get(split, 0) for s in stores)
+            joined = "; ".join(str(s.meta["digests"].get(split)) for s in stores)
+            digests[split] = f"{counts[split]} tokens, merged sha256 {hashlib.sha256(joined.encode()).hexdigest()[:16]}"
+        shutil.copyfile(stores[0]._fetch(TOKENIZER_FILE), tmp / TOKENIZER_FILE)
+        meta = {**{k: v for k, v in first.items() if k != "part"}, "tokens": counts, "digests": digests,
+                "merged_parts": count}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
