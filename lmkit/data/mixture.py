@@ -161,6 +161,10 @@ def check_run(data, pm, objective_component) -> None:
                 pm.get("dataset", entry["source"])
             except LmkitError as e:
                 raise ConfigError(f"{KEY}[{i}].source: {e}") from None
+            if entry["source"] == "litdata":  # the run tokenizes every entry with its one tokenizer
+                raise ConfigError(f"{KEY}[{i}].source=litdata: a mixture's entries are text sources (text, jsonl, hf, "
+                                  f"the built-in corpus), tokenized with the run's one tokenizer; mixtures of litdata "
+                                  f"stores are not supported. Mix the text, or write one store from all of it")
     if data.val_path is not None and data.val_fraction not in (0, 0.1):
         try:
             from hydra.core.hydra_config import HydraConfig
