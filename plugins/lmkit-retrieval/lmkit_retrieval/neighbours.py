@@ -73,15 +73,18 @@ def compute_table(store, encoder, stream: np.ndarray, offset: int, n_blocks: int
 
 
 def cached_tables(store, cache_dir: Path, splits: dict[str, tuple[np.ndarray, int, int]], seq_len: int, k: int,
-                  exclude_same_document: bool, eos_id: int) -> dict[str, str]:
+                  exclude_same_document: bool | dict[str, bool], eos_id: int) -> dict[str, str]:
     """``{split: path of its int32 [n_blocks, l, k] table}``, computed where not cached yet.
 
     ``splits``: ``{name: (tokens, n_blocks, stride)}`` in stream order (train first); their
-    concatenation is the run's stream, whose documents the exclusion uses.
+    concatenation is the run's stream, whose documents the exclusion uses. ``exclude_same_document``:
+    one rule for every split, or ``{split: rule}``.
     """
+    rules = (exclude_same_document if isinstance(exclude_same_document, dict)
+             else {name: exclude_same_document for name in splits})
     stream = np.concatenate([np.asarray(t) for t, _, _ in splits.values()])
     doc_ids = None
-    if exclude_same_document:
+    if any(rules.values()):
         if not store_is_prefix_of(store, stream):
             raise ConfigError(f"objective.exclude_same_document=true needs a retrieval store built from this run's "
                               f"corpus (its train split, or all of it: split=train|all with the same data settings), "
@@ -94,12 +97,13 @@ def cached_tables(store, cache_dir: Path, splits: dict[str, tuple[np.ndarray, in
     for name, (tokens, n_blocks, stride) in splits.items():
         key = json.dumps({"store": store_fingerprint(store), "corpus": tokens_digest(stream), "split": name,
                           "offset": offset, "n_blocks": n_blocks, "stride": stride, "seq_len": seq_len,
-                          "chunk_len": store.chunk_len, "k": k, "exclude": exclude_same_document}, sort_keys=True)
+                          "chunk_len": store.chunk_len, "k": k, "exclude": bool(rules[name])}, sort_keys=True)
         path = root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
         if not path.is_file():
             if encoder is None:
                 encoder = store.load_encoder()
-            table = compute_table(store, encoder, stream, offset, n_blocks, stride, seq_len, k, doc_ids)
+            table = compute_table(store, encoder, stream, offset, n_blocks, stride, seq_len, k,
+                                  doc_ids if rules[name] else None)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
                 np.save(f, table)

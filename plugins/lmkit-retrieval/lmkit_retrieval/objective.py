@@ -31,13 +31,16 @@ class RetroLMConfig:
     run's tokenizer and with ``chunk_len`` = ``model.chunk_len``. ``k``: neighbours per chunk
     (= ``model.n_neighbours``). ``exclude_same_document``: never retrieve a chunk whose value
     overlaps the query chunk's document(s) (RETRO's training rule; the store must then hold the
-    run's own corpus, from its start). ``chunked_ce``: as causal_lm's.
+    run's own corpus, from its start). ``val_exclude_same_document``: the rule for validation blocks
+    (null = the same as training); false with a store that holds the validation text measures the
+    leakage effect RETRO analyses (§4.4). ``chunked_ce``: as causal_lm's.
     """
 
     name: str = "retro_lm"
     store: str | None = None
     k: int = 2
     exclude_same_document: bool = True
+    val_exclude_same_document: bool | None = None
     chunked_ce: int = 0
 
     def __post_init__(self):
@@ -133,8 +136,10 @@ class RetroDataModule(LMDataModule):
         obj = self.objective
         splits = {"train": (self.splits.train, len(self.train_set), self.stride),
                   "val": (self.splits.val, len(self.val_set), self.val_set.stride)}
-        tables = cached_tables(obj.store, self.cache_dir, splits, self.seq_len, obj.cfg.k,
-                               obj.cfg.exclude_same_document, obj.eos_id)
+        val_rule = obj.cfg.val_exclude_same_document
+        rules = {"train": obj.cfg.exclude_same_document,
+                 "val": obj.cfg.exclude_same_document if val_rule is None else bool(val_rule)}
+        tables = cached_tables(obj.store, self.cache_dir, splits, self.seq_len, obj.cfg.k, rules, obj.eos_id)
         self.train_set = KeyedBlocks(self.train_set, "train")
         self.val_set = KeyedBlocks(self.val_set, "val")
         self.collate = RetroStepCollate(RetroCollator(str(obj.store.path), tables), self.cfg.batch_size, self.seed)
