@@ -81,6 +81,30 @@ def test_store_holds_the_token_stream_split_like_a_run(store):
     assert oct(store["path"].stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
 
 
+def test_split_tokens_reads_the_chunks_as_litdata_does(store):
+    from lmkit.data.litdata_store import LitdataStore
+
+    opened = LitdataStore(str(store["path"]))
+    for split in ("train", "val"):
+        assert np.array_equal(opened.split_tokens(split), _chunks_tokens(store["path"] / split)), split
+    assert len(opened.split_tokens("all")) == sum(opened.meta["tokens"].values())
+
+
+def test_evaluate_scores_the_stores_validation_split(store, tmp_path, capsys):
+    """python -m lmkit evaluate on a data=litdata run reads the store's val/ split, like data=text's."""
+    import lmkit.cli
+
+    run(_train_args(store, "trainer.max_steps=2"), tmp_path / "lit")
+    run(TINY + ["data=text", f"data.path={store['corpus']}", f"data.cache_dir={store['cache']}",
+                "trainer.max_steps=2"], tmp_path / "txt")
+    results = []
+    for name in ("lit", "txt"):
+        out = tmp_path / f"{name}.json"
+        assert lmkit.cli.main(["evaluate", str(tmp_path / name), f"eval.output={out}"]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["corpus"]["split"] == "val" and results[0]["corpus"]["tokens"] == results[1]["corpus"]["tokens"]
+
+
 def test_optimize_is_byte_identical_and_refuses_to_overwrite(store, tmp_path):
     again = tmp_path / "again"
     optimize(str(again), ["data=text", f"data.path={store['corpus']}", f"data.cache_dir={store['cache']}"],

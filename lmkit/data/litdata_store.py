@@ -275,6 +275,27 @@ class LitdataStore(Source):
     def has_validation(self) -> bool:
         return "val" in self.indexes
 
+    def split_tokens(self, split: str) -> np.ndarray:
+        """Every token of a split (``train``, ``val``, or ``all`` = both), chunk after chunk in index order.
+
+        Reads the chunk files directly (memory-mapped): a TokensLoader chunk of one item is a header of
+        ``4 · (items + 2)`` bytes (item count and offsets) followed by the tokens. Local stores only.
+        """
+        if self.remote:
+            raise DataError(f"reading all tokens of a remote store ('{self.path}') is not supported: copy it locally "
+                            f"(e.g. aws s3 sync) and pass that directory")
+        parts = []
+        for name in (SPLITS if split == "all" else (split,)):
+            if name not in self.indexes:
+                if split == "all":
+                    continue
+                raise DataError(f"litdata store '{self.path}' has no {name} split")
+            for chunk in self.indexes[name]["chunks"]:
+                header = 4 * (int(chunk["chunk_size"]) + 2)
+                parts.append(np.memmap(Path(self.root) / name / chunk["filename"], dtype=self.meta["dtype"], mode="r",
+                                       offset=header, shape=(int(chunk["dim"]),)))
+        return np.concatenate(parts)
+
     # a Source: identity, tokenizer, no text
     def fingerprint(self) -> str:
         return f"litdata:{self.meta.get('digests', {}).get('train')}:{self.meta['tokenizer']['fingerprint']}"

@@ -109,6 +109,14 @@ def corpus_tokens(loaded: LoadedModel, data_overrides: list[str], opts: EvalOpti
     if getattr(data, "mixture", None) and split != "all":
         raise ConfigError(f"eval.split={split} of a data mixture: score one source at a time (data=text data.path=..."
                           f" or the source's own kind), or eval.split=all; the run logged val/<source>/loss for each")
+    from lmkit.data.litdata_store import LitdataStore
+
+    if isinstance(source, LitdataStore):  # data=litdata: the store's own splits, read by this run's tokenizer
+        source.check_tokenizer(loaded.tokenizer)
+        tokens = source.split_tokens(split)
+        if opts.max_tokens:
+            tokens = tokens[:opts.max_tokens]
+        return tokens, {"source": data.source, "path": source.root, "split": split}
     tokens = load_tokens(source, loaded.tokenizer, cache_dir)
     if getattr(data, "val_path", None) and split != "all":  # a separate validation set: data.path is all training
         if split == "val":
