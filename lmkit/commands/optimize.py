@@ -81,7 +81,7 @@ def optimize(out_dir: str, overrides: list[str], *, workers: int = 1, chunk_toke
     """Write the store (``part``: only share R of N of the files); returns its lmkit.json (plus ``path``)."""
     from lmkit.api import load_run_config
     from lmkit.data.cache import default_cache_dir, load_tokens, token_cache_path
-    from lmkit.data.datamodule import tokens_digest
+    from lmkit.data.datamodule import split_tokens, tokens_digest
     from lmkit.data.litdata_store import DEFAULT_CHUNK_TOKENS, write_store
     from lmkit.data.mixture import build_val_source, renamed
 
@@ -111,11 +111,11 @@ def optimize(out_dir: str, overrides: list[str], *, workers: int = 1, chunk_toke
         splits = {"train": (path, 0, len(tokens)),
                   "val": (token_cache_path(val_source, tokenizer, cache_dir), 0, len(val_tokens))}
         digests = {"train": tokens_digest(tokens), "val": tokens_digest(val_tokens)}
-    else:
-        n_val = int(len(tokens) * data.val_fraction)
-        cut = len(tokens) - n_val
+    else:  # the split a run makes (lmkit.data.datamodule.split_tokens)
+        parts = split_tokens(tokens, data.val_fraction)
+        cut = len(parts.train)
         splits = {"train": (path, 0, cut), "val": (path, cut, len(tokens))}
-        digests = {"train": tokens_digest(tokens[:cut]), "val": tokens_digest(tokens[cut:]) if n_val else None}
+        digests = {"train": tokens_digest(parts.train), "val": tokens_digest(parts.val) if len(parts.val) else None}
     if splits["train"][2] - splits["train"][1] < 2:
         raise DataError("the corpus has too few tokens for a training split; check data.path and data.val_fraction")
     info = {

@@ -65,3 +65,11 @@ def check_choice(key: str, value, choices) -> None:
     if value not in choices:
         hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}.{hint}".rstrip("."))
+
+
+def serves_own_records(objective_component) -> bool:
+    """Whether an objective reads whole records (classification) or pre-cut rows (sft) instead of cutting
+    blocks from the packed text stream: the data features built on that stream (mixtures, data.val_path,
+    length schedules, extra validation lengths, litdata stores) do not apply to it."""
+    factory = objective_component.factory
+    return bool(getattr(factory, "example_based", False)) or getattr(factory, "data_source", None) is not None

@@ -372,8 +372,9 @@ def check_run(data, objective_component) -> None:
 
     if data.source != "litdata":
         return
-    factory = objective_component.factory
-    if getattr(factory, "example_based", False) or getattr(factory, "data_source", None) is not None:
+    from lmkit.config.checks import serves_own_records
+
+    if serves_own_records(objective_component):
         raise ConfigError(f"data=litdata streams packed token blocks; objective '{objective_component.name}' reads its "
                           f"own records or rows. Use data=jsonl/text for it")
     for key, value, why in (

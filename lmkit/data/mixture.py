@@ -146,8 +146,9 @@ def check_run(data, pm, objective_component) -> None:
     """What needs the registries or the objective (called by lmkit.config.validate): every entry's source is a
     registered dataset; the objective cuts blocks from packed text; one warning when val_path overrides
     val_fraction."""
-    factory = objective_component.factory
-    own_data = getattr(factory, "example_based", False) or getattr(factory, "data_source", None) is not None
+    from lmkit.config.checks import serves_own_records
+
+    own_data = serves_own_records(objective_component)
     for key, on in ((KEY, data.mixture is not None), ("data.val_path", data.val_path is not None)):
         if on and own_data:
             raise ConfigError(f"{key} needs an objective that cuts blocks from packed text; objective "

@@ -72,8 +72,9 @@ def check_max_len(schedule: list[dict] | None, max_len: int | None) -> None:
 
 def check_objective(schedule: list[dict] | None, objective_component) -> None:
     """Objectives that serve whole records (classification) or pre-cut rows (sft) have no packed stream to re-cut."""
-    factory = objective_component.factory
-    if schedule and (getattr(factory, "example_based", False) or getattr(factory, "data_source", None) is not None):
+    from lmkit.config.checks import serves_own_records
+
+    if schedule and serves_own_records(objective_component):
         raise ConfigError(f"{KEY} needs an objective that cuts blocks from packed text; objective "
                           f"'{objective_component.name}' serves its own records or rows. Set {KEY}=null.")
 

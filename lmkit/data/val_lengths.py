@@ -10,7 +10,7 @@ exceed their table, which the config check refuses).
 """
 from __future__ import annotations
 
-from lmkit.config.checks import check_int
+from lmkit.config.checks import check_int, serves_own_records
 from lmkit.errors import ConfigError
 
 KEY = "data.val_seq_lens"
@@ -39,8 +39,7 @@ def check_run(data, objective_component, max_len: int | None) -> None:
         if max_len is not None and length > max_len:
             raise ConfigError(f"{KEY}[{i}]={length} is longer than the model's positions (model.max_seq_len={max_len}). "
                               f"Lower it or raise model.max_seq_len")
-    factory = objective_component.factory
-    if getattr(factory, "example_based", False) or getattr(factory, "data_source", None) is not None:
+    if serves_own_records(objective_component):
         raise ConfigError(f"{KEY} needs an objective that cuts blocks from packed text; objective "
                           f"'{objective_component.name}' serves its own records or rows. Set {KEY}=null")
     for key, on in (("data.mixture", data.mixture is not None), ("data=litdata", data.source == "litdata")):
