@@ -1,16 +1,21 @@
-"""RETRO's leakage effect (§4.4) on the built-in corpus: one model, validated with and without the leakage rule.
+"""RETRO on the built-in corpus: validation bits/byte without retrieval, with a store of the training split, and
+with a store of the whole corpus validated with and without the leakage rule (RETRO §4.4).
 
-    python tools/measure_retro_leakage.py [--steps 1000] [--encoder-steps 100] [--train-rule on|off] [--out DIR]
+    python tools/measure_retro_leakage.py [--steps 2000] [--encoder-steps 300] [--train-rule on|off]
+                                          [--keys center|whiten|raw] [--out DIR]
 
-1. an MLM encoder trained by lmkit (bert_tiny, ``--encoder-steps``), the store's frozen retriever;
-2. a store of the whole corpus (``split=all``: training and validation text), split into speeches, chunks of 16;
-3. ``retro_tiny`` trained ``--steps`` steps on it with RETRO's rule (no neighbour from the chunk's own speech;
-   ``--train-rule off``: without it, so that training neighbours hold the chunk's own continuation and the
-   model learns to copy, the setting the rule exists to prevent);
-4. its last checkpoint validated twice: with the rule (the validation chunk's own speech excluded, so the
-   store's validation text helps only through other speeches) and without it (a chunk may retrieve itself and
-   its continuation: the leak).
-Needs plugins/lmkit-retrieval. Prints val bits/byte for both; record them with the machine.
+1. an MLM encoder trained by lmkit (bert_tiny, ``--encoder-steps``), the stores' frozen retriever;
+2. two stores, chunks of 16, the corpus split into speeches: the training split, and the whole corpus
+   (``split=all``: training and validation text); for each, the fraction of its chunks whose top-1 neighbour is
+   the chunk itself (or a chunk with the same tokens): near 1 when the keys separate chunks, near 0 when
+   the embeddings have collapsed (see lmkit_retrieval/keys.py);
+3. ``retro_tiny`` trained ``--steps`` steps three times, same seed and data: without neighbours (causal LM;
+   the CCA layers are skipped, so this is the plain decoder), with the training store, with the whole-corpus
+   store under RETRO's rule (no neighbour from the chunk's own speech; ``--train-rule off``: without it, so
+   that training neighbours hold the chunk's own continuation and the model learns to copy);
+4. the whole-corpus run's last checkpoint validated again without the rule for validation (a chunk may
+   retrieve itself and its continuation: the leak).
+Needs plugins/lmkit-retrieval. Prints a markdown table; record it with the machine.
 """
 from __future__ import annotations
 
@@ -24,11 +29,25 @@ from pathlib import Path
 SPEECHES = 'data.doc_separator="\n\n"'
 
 
+def self_retrieval(store_dir: Path, sample: int = 2000) -> float:
+    """Fraction of ``sample`` chunks (seeded) whose top-1 neighbour has the chunk's own tokens."""
+    import numpy as np
+
+    from lmkit_retrieval import Datastore
+
+    store = Datastore.open(store_dir)
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(store.n_chunks, size=min(sample, store.n_chunks), replace=False))
+    ids, _ = store.search(np.asarray(store.embeddings[idx]), 1)
+    return float((np.asarray(store.chunks[ids[:, 0]]) == np.asarray(store.chunks[idx])).all(1).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--encoder-steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--encoder-steps", type=int, default=300)
     ap.add_argument("--train-rule", choices=("on", "off"), default="on")
+    ap.add_argument("--keys", choices=("center", "whiten", "raw"), default="center")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from lmkit.api import build, run
@@ -39,23 +58,38 @@ def main() -> None:
     t0 = time.time()
     run(["+objective=mlm", "model=bert_tiny", f"trainer.max_steps={args.encoder_steps}", SPEECHES, *quiet],
         out / "encoder")
-    assert cli(["retrieval", "build", str(out / "store"), f"encoder={out / 'encoder'}", "chunk_len=16", "split=all",
-                SPEECHES, "force=true"]) == 0
-    retro = ["model=retro_tiny", "+objective=retro_lm", f"objective.store={out / 'store'}", SPEECHES,
-             "data.seq_len=64", "data.batch_size=16", f"trainer.max_steps={args.steps}",
-             f"trainer.val_check_interval={args.steps}", "trainer.val_batches=50", "optimizer.lr=1e-3",
-             "scheduler.warmup_steps=50", f"objective.exclude_same_document={args.train_rule == 'on'}",
-             "objective.val_exclude_same_document=true", *quiet]
-    trained = run(retro, out / "retro")
-    ckpt = out / "retro" / "checkpoints" / "last.ckpt"
-    leaky = build(retro + ["objective.val_exclude_same_document=false"], out / "leaky")
+    found = {}
+    for split in ("train", "all"):
+        assert cli(["retrieval", "build", str(out / f"store_{split}"), f"encoder={out / 'encoder'}", "chunk_len=16",
+                    f"split={split}", f"keys={args.keys}", "batch_size=256", SPEECHES, "force=true"]) == 0
+        found[split] = self_retrieval(out / f"store_{split}")
+    common = ["model=retro_tiny", SPEECHES, "data.seq_len=64", "data.batch_size=16", f"trainer.max_steps={args.steps}",
+              f"trainer.val_check_interval={args.steps}", "trainer.val_batches=50", "optimizer.lr=1e-3",
+              "scheduler.warmup_steps=50", *quiet]
+    plain = run(common, out / "plain")["end"]
+
+    def retro(split: str) -> list[str]:
+        return common + ["+objective=retro_lm", f"objective.store={out / f'store_{split}'}",
+                         f"objective.exclude_same_document={args.train_rule == 'on'}",
+                         "objective.val_exclude_same_document=true"]
+
+    train_store = run(retro("train"), out / "retro_train")["end"]
+    all_store = run(retro("all"), out / "retro_all")["end"]
+    leaky = build(retro("all") + ["objective.val_exclude_same_document=false"], out / "leaky")
+    ckpt = out / "retro_all" / "checkpoints" / "last.ckpt"
     leaky.trainer.validate(leaky.module, datamodule=leaky.datamodule, ckpt_path=str(ckpt), verbose=False)
-    open_rule = leaky.module.history[-1]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps, training rule "
-          f"{args.train_rule}, {time.time() - t0:.0f} s; {out}")
-    print("| validation neighbours | val bits/byte | val loss |\n|---|---|---|")
-    print(f"| own speech excluded (RETRO's rule) | {trained['end']['val/bpb']:.3f} | {trained['end']['val/loss']:.4f} |")
-    print(f"| own speech allowed (leak) | {open_rule['val/bpb']:.3f} | {open_rule['val/loss']:.4f} |")
+    leak = leaky.module.history[-1]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps, encoder "
+          f"{args.encoder_steps} steps, keys {args.keys}, training rule {args.train_rule}, "
+          f"{time.time() - t0:.0f} s; {out}")
+    print(f"self-retrieval (top-1 has the chunk's tokens, 2000 chunks): training store {found['train']:.3f}, "
+          f"whole-corpus store {found['all']:.3f}")
+    print("| retrieval | val bits/byte | val loss |\n|---|---|---|")
+    print(f"| none (retro_tiny as its plain decoder) | {plain['val/bpb']:.3f} | {plain['val/loss']:.4f} |")
+    print(f"| store of the training split | {train_store['val/bpb']:.3f} | {train_store['val/loss']:.4f} |")
+    print(f"| store of the whole corpus, own speech excluded (RETRO's rule) | {all_store['val/bpb']:.3f} | "
+          f"{all_store['val/loss']:.4f} |")
+    print(f"| same checkpoint, own speech allowed (the leak) | {leak['val/bpb']:.3f} | {leak['val/loss']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Build options:
   encoder=PATH              lmkit run directory, checkpoint or local HF directory (required)
   chunk_len=64              tokens per chunk (values are 2·chunk_len: chunk + continuation)
   index=flat                flat (exact cosine) | ivfpq | hnsw
+  keys=center               center | whiten | raw: embeddings -> index keys (lmkit_retrieval/keys.py)
   nlist= m= nbits=8 nprobe=8 train_size=65536 seed=1234     ivfpq settings (nlist, m: automatic)
   M=32 ef_construction=40 ef_search=64                       hnsw settings
   split=train               train | val | all (of the corpus, as training splits it)
@@ -42,8 +43,8 @@ SUBCOMMANDS = (*SUBCOMMANDS, "evaluate")  # In-Context RALM: lmkit_retrieval/ral
 INT_OPTIONS = ("chunk_len", "nlist", "m", "nbits", "nprobe", "train_size", "M", "ef_construction", "ef_search", "seed",
                "shard_size", "batch_size", "max_tokens", "threads", "k", "exclude_doc")
 INDEX_OPTIONS = ("nlist", "m", "nbits", "nprobe", "train_size", "M", "ef_construction", "ef_search", "seed")
-BUILD_OPTIONS = ("encoder", "chunk_len", "index", *INDEX_OPTIONS, "split", "max_tokens", "shard_size", "batch_size",
-                 "device", "threads", "force")
+BUILD_OPTIONS = ("encoder", "chunk_len", "index", "keys", *INDEX_OPTIONS, "split", "max_tokens", "shard_size",
+                 "batch_size", "device", "threads", "force")
 SEARCH_OPTIONS = ("query", "k", "exclude_doc", "nprobe", "ef_search", "device", "threads")
 SPLITS = ("train", "val", "all")
 
@@ -118,7 +119,10 @@ def build(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from lmkit_retrieval.encoder import ChunkEncoder
+    from lmkit.config.checks import check_choice
+
     from lmkit_retrieval.index import IndexSpec
+    from lmkit_retrieval.keys import KEY_MODES
     from lmkit_retrieval.store import build_store
 
     positionals, opts, data = _parse(argv, "retrieval build", BUILD_OPTIONS)
@@ -127,6 +131,7 @@ def build(argv: list[str]) -> int:
         raise ConfigError("retrieval build needs encoder=PATH: an lmkit run directory (e.g. one trained with "
                           "python -m lmkit +objective=mlm), a checkpoint or a local Hugging Face directory")
     spec = IndexSpec.from_dict({"kind": opts.get("index", "flat"), **{k: opts[k] for k in INDEX_OPTIONS if k in opts}})
+    check_choice("keys", opts.get("keys", "center"), KEY_MODES)
     _threads(opts)
     encoder = ChunkEncoder.load(opts["encoder"], opts.get("device", "cpu"))
     tokens, description = corpus_stream(encoder.tokenizer, data, opts.get("split", "train"), opts.get("max_tokens"))
@@ -135,9 +140,11 @@ def build(argv: list[str]) -> int:
               disable=None) as bar:
         store = build_store(out, tokens, encoder, chunk_len=chunk_len, index=spec, data=description,
                             shard_size=opts.get("shard_size", 4096), batch_size=opts.get("batch_size", 64),
+                            keys=opts.get("keys", "center"),
                             force=opts.get("force", False), progress=bar.update)
     print(f"retrieval store {out}: {store.n_chunks} chunks of {store.chunk_len} tokens, d={store.d}, "
-          f"index {store.spec.kind}, {len(tokens)} tokens of {description['path']} ({description['split']})")
+          f"index {store.spec.kind}, keys {store.key_mode}, {len(tokens)} tokens of {description['path']} "
+          f"({description['split']})")
     return 0
 
 

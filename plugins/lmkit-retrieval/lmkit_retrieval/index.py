@@ -1,7 +1,7 @@
 """The faiss index of a retrieval store: its settings (:class:`IndexSpec`), building and searching.
 
-Every kind indexes L2-normalised vectors with the inner-product metric, so scores are cosine
-similarities: ``flat`` (``IndexFlatIP``, exact), ``ivfpq`` (``IndexIVFPQ`` over a flat
+Every kind indexes unit-length keys (:mod:`lmkit_retrieval.keys`) with the inner-product metric,
+so scores are cosine similarities of the keys: ``flat`` (``IndexFlatIP``, exact), ``ivfpq`` (``IndexIVFPQ`` over a flat
 inner-product quantizer, trained on a sample; approximate) and ``hnsw`` (``IndexHNSWFlat``,
 no training; approximate).
 
@@ -114,8 +114,10 @@ class IndexSpec:
         return spec
 
 
-def build_index(vectors: np.ndarray, spec: IndexSpec):
-    """A faiss index over ``vectors`` [n, d] (any float array, e.g. a memmap; normalised here, block by block)."""
+def build_index(vectors: np.ndarray, spec: IndexSpec, keys=None):
+    """A faiss index over ``vectors`` [n, d] (any float array, e.g. a memmap), turned into unit-length keys block
+    by block by ``keys`` (a function of a block; default :func:`normalized`)."""
+    keys = keys or normalized
     faiss = faiss_module()
     n, d = vectors.shape
     spec = spec.resolved(n, d)
@@ -132,10 +134,10 @@ def build_index(vectors: np.ndarray, spec: IndexSpec):
         index.pq.cp.seed = spec.seed
         rng = np.random.default_rng(spec.seed)
         sample = np.sort(rng.choice(n, size=min(n, spec.train_size), replace=False))
-        index.train(normalized(vectors[sample]))
+        index.train(keys(vectors[sample]))
         index.nprobe = spec.nprobe
     for start in range(0, n, _ADD_BLOCK):
-        index.add(normalized(vectors[start:start + _ADD_BLOCK]))
+        index.add(keys(vectors[start:start + _ADD_BLOCK]))
     return index
 
 

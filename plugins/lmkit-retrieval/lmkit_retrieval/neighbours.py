@@ -8,7 +8,7 @@ overlaps the query chunk's document(s) (RETRO's training rule against leakage).
 
 The table of one split is int32 ``[n_blocks, l, k]`` (``-1`` = none left), computed once in
 batches and saved as ``.npy`` under a name that hashes everything it depends on: the store (its
-stream, encoder and index), the split's tokens, the block layout, ``k`` and the exclusion rule.
+stream, encoder, key transform and index), the split's tokens, the block layout, ``k`` and the exclusion rule.
 A DataLoader worker memory-maps it, so the neighbours of a block are a pure function of the
 block's index: resumed runs see the same ones.
 """
@@ -29,10 +29,11 @@ EMBED_BATCH = 256
 
 
 def store_fingerprint(store) -> str:
-    """What a store's search results depend on: its stream, documents, encoder and index settings."""
+    """What a store's search results depend on: its stream, documents, encoder, key transform and index settings."""
     build = store.manifest["build"]
     return json.dumps({"stream": build.get("stream_sha256"), "docs": build.get("docs_sha256"),
-                       "encoder": store.encoder_fingerprint, "index": build["index"],
+                       "encoder": store.encoder_fingerprint, "index": build["index"], "keys": build.get("keys"),
+                       "format": build.get("format"),
                        "chunk_len": store.chunk_len, "n": store.n_chunks}, sort_keys=True)
 
 

@@ -18,7 +18,9 @@ Directory (all arrays ``.npy``, opened memory-mapped):
 * ``chunks.npy`` [n+1, chunk_len] token ids (uint16/uint32 as lmkit's token cache),
 * ``docs.npy`` [n, 2] int64 document span of each value,
 * ``embeddings.npy`` [n, d] float32 mean-pooled encoder states (not normalised),
-* ``index.faiss`` the faiss index (:mod:`lmkit_retrieval.index`),
+* ``keys.npy`` [d+1, d] float32 the transform from embeddings to index keys (:mod:`lmkit_retrieval.keys`:
+  centered by default), fitted on ``embeddings.npy`` and applied to every query,
+* ``index.faiss`` the faiss index of the keys (:mod:`lmkit_retrieval.index`),
 * ``manifest.json`` settings, fingerprints, file sizes, and ``complete`` (written last).
 
 A build writes into ``OUT.partial`` and renames it to ``OUT`` when complete. Embeddings are
@@ -38,11 +40,12 @@ from pathlib import Path
 import numpy as np
 
 from lmkit.errors import ConfigError, DataError
-from lmkit_retrieval.index import IndexSpec, build_index, faiss_module, normalized, search_params
+from lmkit_retrieval.index import IndexSpec, build_index, faiss_module, search_params
+from lmkit_retrieval.keys import KEY_MODES, fit_key_transform, to_keys
 
-FORMAT = 1
+FORMAT = 2  # 2: keys.npy (format-1 stores indexed raw, often collapsed, embeddings)
 MANIFEST = "manifest.json"
-ARRAYS = ("chunks.npy", "docs.npy", "embeddings.npy")
+ARRAYS = ("chunks.npy", "docs.npy", "embeddings.npy", "keys.npy")
 INDEX_FILE = "index.faiss"
 
 
@@ -106,21 +109,23 @@ def partial_dir(out_dir) -> Path:
 
 def build_store(out_dir, tokens: np.ndarray, encoder, *, chunk_len: int = 64, index: IndexSpec | None = None,
                 doc_ids: np.ndarray | None = None, shard_size: int = 4096, batch_size: int = 64,
-                data: dict | None = None, force: bool = False, progress=None) -> "Datastore":
+                keys: str = "center", data: dict | None = None, force: bool = False, progress=None) -> "Datastore":
     """Build a store of ``tokens`` (a packed stream, 1-D) at ``out_dir`` with ``encoder``
     (:class:`lmkit_retrieval.encoder.ChunkEncoder`) and open it.
 
     ``doc_ids`` [N] (default :func:`document_ids` from the tokenizer's ``<eos>``) must be
-    non-decreasing; ``data``: a description recorded in the manifest; ``force``: replace an
+    non-decreasing; ``keys``: center | whiten | raw (:mod:`lmkit_retrieval.keys`); ``data``: a description
+    recorded in the manifest; ``force``: replace an
     existing store; ``progress(n_chunks)``: called after each embedded batch.
     """
-    from lmkit.config.checks import check_int
+    from lmkit.config.checks import check_choice, check_int
 
     out = Path(out_dir)
     spec = (index or IndexSpec()).check()
     check_int("chunk_len", chunk_len, minimum=1)
     check_int("shard_size", shard_size, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
+    check_choice("keys", keys, KEY_MODES)
     encoder.check_length(chunk_len)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -141,7 +146,7 @@ def build_store(out_dir, tokens: np.ndarray, encoder, *, chunk_len: int = 64, in
              "encoder": {"path": encoder.path, "fingerprint": encoder.fingerprint},
              "tokenizer": {"name": type(tok).__name__, "fingerprint": tok.fingerprint()},
              "stream_sha256": _sha256(rows), "docs_sha256": _sha256(spans), "shard_size": shard_size,
-             "batch_size": batch_size, "index": spec.as_dict()}
+             "batch_size": batch_size, "keys": keys, "index": spec.as_dict()}
     work = partial_dir(out)
     manifest_path = work / MANIFEST
     if work.exists():
@@ -161,8 +166,10 @@ def build_store(out_dir, tokens: np.ndarray, encoder, *, chunk_len: int = 64, in
     _join_shards(work / "shards", work / "embeddings.npy", n, encoder.d, shard_size)
     faiss = faiss_module()
     embeddings = np.load(work / "embeddings.npy", mmap_mode="r")
+    transform = fit_key_transform(embeddings, keys)
+    _save_atomic(work / "keys.npy", transform)
     tmp_index = work / f".{INDEX_FILE}.tmp{os.getpid()}"
-    faiss.write_index(build_index(embeddings, spec), str(tmp_index))
+    faiss.write_index(build_index(embeddings, spec, lambda block: to_keys(block, transform)), str(tmp_index))
     os.replace(tmp_index, work / INDEX_FILE)
     shutil.rmtree(work / "shards")
     manifest["files"] = {name: (work / name).stat().st_size for name in (*ARRAYS, INDEX_FILE)}
@@ -224,10 +231,12 @@ class Datastore:
     :meth:`check_compatible` before mixing its ids or embeddings with the store's.
     """
 
-    def __init__(self, path: Path, manifest: dict, chunks, docs, embeddings, index):
+    def __init__(self, path: Path, manifest: dict, chunks, docs, embeddings, index, key_transform):
         self.path, self.manifest = path, manifest
         self.chunks, self.docs, self.embeddings, self.index = chunks, docs, embeddings, index
+        self.key_transform = np.array(key_transform, dtype=np.float32)
         build = manifest["build"]
+        self.key_mode = build["keys"]
         self.chunk_len, self.n_chunks, self.d = build["chunk_len"], build["n_chunks"], build["d"]
         self.spec = IndexSpec.from_dict(build["index"])
         self.max_doc_chunks = int(manifest["max_doc_chunks"])
@@ -271,7 +280,7 @@ class Datastore:
             if size != files.get(name):
                 raise DataError(f"{what}: {name} has {size} bytes, the manifest records {files.get(name)} "
                                 f"(truncated or replaced); rebuild the store")
-        expected = {"chunks.npy": (n + 1, length), "docs.npy": (n, 2), "embeddings.npy": (n, d)}
+        expected = {"chunks.npy": (n + 1, length), "docs.npy": (n, 2), "embeddings.npy": (n, d), "keys.npy": (d + 1, d)}
         arrays = {}
         for name, shape in expected.items():
             try:
@@ -290,7 +299,7 @@ class Datastore:
             raise DataError(f"{what}: {INDEX_FILE} holds {index.ntotal} vectors of size {index.d}, expected {n} of "
                             f"size {d}; rebuild the store")
         docs = np.array(arrays["docs.npy"])  # small (16 bytes a chunk), read on every filtered search
-        return cls(p, manifest, arrays["chunks.npy"], docs, arrays["embeddings.npy"], index)
+        return cls(p, manifest, arrays["chunks.npy"], docs, arrays["embeddings.npy"], index, arrays["keys.npy"])
 
     def __len__(self) -> int:
         return self.n_chunks
@@ -329,11 +338,15 @@ class Datastore:
         scores, ids = self.index.search(q, fetch, params=params) if params is not None else self.index.search(q, fetch)
         return ids, scores
 
-    def search(self, queries, k: int, exclude_docs=None) -> tuple[np.ndarray, np.ndarray]:
-        """``(chunk_ids int64 [n, k], scores float32 [n, k])``, best first; scores are cosine similarities.
+    def keys(self, embeddings) -> np.ndarray:
+        """float32 [n, d] unit-length index keys of ``embeddings`` [n, d]: the store's transform, then L2-normalised."""
+        return to_keys(embeddings, self.key_transform)
 
-        ``queries`` [n, d]: embeddings (normalised here). ``exclude_docs``: None, int [n] (each query's
-        document) or int [n, 2] (an inclusive range of documents, for a query that spans several): no
+    def search(self, queries, k: int, exclude_docs=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(chunk_ids int64 [n, k], scores float32 [n, k])``, best first; scores are cosine similarities of keys.
+
+        ``queries`` [n, d]: embeddings (turned into keys here, :meth:`keys`). ``exclude_docs``: None, int [n]
+        (each query's document) or int [n, 2] (an inclusive range of documents, for a query that spans several): no
         chunk whose value overlaps it is returned. Rows are filled with id -1 / score -inf only where
         fewer than k chunks remain (every chunk excluded, or an approximate index found fewer).
         """
@@ -342,7 +355,7 @@ class Datastore:
         if q.ndim != 2 or q.shape[1] != self.d:
             raise ConfigError(f"queries must be an array [n, {self.d}] (the store's embedding size), got shape "
                               f"{q.shape}")
-        q = normalized(q)
+        q = self.keys(q)
         if exclude_docs is None:
             ids, scores = self._raw_search(q, k)
             return ids.astype(np.int64), scores.astype(np.float32)

@@ -12,7 +12,7 @@ def cli_store(encoder_run, stream, tmp_path_factory):  # noqa: F811
 
     out = tmp_path_factory.mktemp("cli") / "store"
     argv = ["retrieval", "build", str(out), f"encoder={encoder_run}", *stream[1], f"max_tokens={STREAM_TOKENS}",
-            f"chunk_len={CHUNK}", "index=hnsw", "M=8", "threads=1"]
+            f"chunk_len={CHUNK}", "index=hnsw", "M=8", "threads=1", "keys=whiten"]
     assert lmkit.cli.main(argv) == 0
     return out
 
@@ -30,6 +30,7 @@ def test_build_then_search_prints_the_stores_neighbours(cli_store, encoder, stre
 
     store = Datastore.open(cli_store)
     assert store.spec.kind == "hnsw" and store.spec.M == 8 and store.n_chunks == STREAM_TOKENS // CHUNK
+    assert store.key_mode == "whiten"
     assert store.manifest["data"]["split"] == "train" and store.manifest["data"]["doc_separator"] == "\n\n"
     query = "What say you to the citizens?"
     capsys.readouterr()
@@ -50,6 +51,8 @@ def test_bad_arguments_are_one_line(cli_store, encoder_run, tmp_path, capsys):  
     one_error_line(capsys, ["retrieval", "build", str(tmp_path / "s")], "needs encoder=PATH")
     one_error_line(capsys, ["retrieval", "build", str(tmp_path / "s"), f"encoder={encoder_run}", "index=flta"],
                    "Did you mean 'flat'")
+    one_error_line(capsys, ["retrieval", "build", str(tmp_path / "s"), f"encoder={encoder_run}", "keys=whitten"],
+                   "Did you mean 'whiten'")
     one_error_line(capsys, ["retrieval", "build", str(cli_store), f"encoder={encoder_run}"], "already exists")
     one_error_line(capsys, ["retrieval", "build", str(tmp_path / "s"), f"encoder={encoder_run}", "chunk_len=4096"],
                    "max_seq_len")

@@ -60,9 +60,12 @@ def _datamodule(corpus, tmp_path, *extra):
 
 
 def _brute_force(store, encoder, chunk, doc_range, k):  # noqa: F811
-    """Cosine top-k over every store embedding, skipping chunks whose value overlaps ``doc_range``."""
-    q = encoder.embed(chunk[None])[0]
+    """Cosine top-k over every store embedding, centered on their mean (the store's default keys), skipping chunks
+    whose value overlaps ``doc_range``."""
     e = np.asarray(store.embeddings, dtype=np.float64)
+    mean = e.mean(0)
+    q = encoder.embed(chunk[None])[0] - mean
+    e = e - mean
     cos = e @ q / (np.linalg.norm(e, axis=1) * np.linalg.norm(q))
     docs = store.docs
     cos[(docs[:, 0] <= doc_range[1]) & (docs[:, 1] >= doc_range[0])] = -np.inf

@@ -20,11 +20,28 @@ def store(encoder, stream, tmp_path_factory):  # noqa: F811
                        batch_size=16)
 
 
+def reference_keys(store, x):
+    """Unnormalised keys of ``x`` [n, d] computed in float64 from the store's embeddings alone, for its key mode:
+    raw; centered on their mean; or whitened through the SVD of the centered embeddings (x − μ) V S⁻¹ (another
+    whitening than the store's eigendecomposition: the two differ by a rotation, so cosines agree)."""
+    e = np.asarray(store.embeddings, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if store.key_mode == "raw":
+        return x
+    mean = e.mean(0)
+    if store.key_mode == "center":
+        return x - mean
+    _, s, vt = np.linalg.svd(e - mean, full_matrices=False)
+    keep = s ** 2 > 1e-6 * s[0] ** 2
+    return (x - mean) @ vt[keep].T / s[keep]
+
+
 def brute_force(store, queries, k, exclude=None):
-    """Cosine top-k by a dense matmul; ``exclude`` [n, 2]: document ranges whose overlapping chunks are dropped."""
-    keys = torch.nn.functional.normalize(torch.from_numpy(np.array(store.embeddings)), dim=1)
-    q = torch.nn.functional.normalize(torch.from_numpy(np.array(queries, dtype=np.float32)), dim=1)
-    cos = q @ keys.T
+    """Cosine top-k of the reference keys by a dense matmul; ``exclude`` [n, 2]: document ranges whose overlapping
+    chunks are dropped."""
+    keys = torch.nn.functional.normalize(torch.from_numpy(reference_keys(store, store.embeddings)), dim=1)
+    q = torch.nn.functional.normalize(torch.from_numpy(reference_keys(store, queries)), dim=1)
+    cos = (q @ keys.T).float()
     if exclude is not None:
         spans = torch.from_numpy(store.docs)
         ex = torch.as_tensor(exclude)
@@ -70,13 +87,73 @@ def test_embeddings_are_mean_pooled_last_hidden_states(store, encoder, encoder_r
             np.testing.assert_allclose(row, model(own).mean(dim=1)[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_flat_search_equals_brute_force_cosine(store):
+@pytest.fixture(scope="module", params=["center", "whiten", "raw"])
+def each_keys(request, store, encoder, stream, tmp_path_factory):  # noqa: F811
+    """The fixture store (center, the default) and stores of the same chunks with the other key modes."""
+    if request.param == "center":
+        return store
+    return build_store(tmp_path_factory.mktemp("keys") / request.param, stream[0], encoder, chunk_len=CHUNK,
+                       keys=request.param)
+
+
+def test_flat_search_equals_brute_force_cosine(each_keys):
+    store = each_keys
     rng = np.random.default_rng(0)
     queries = np.asarray(store.embeddings[rng.choice(store.n_chunks, 12)]) + rng.normal(0, 0.05, (12, store.d))
     ids, scores = store.search(queries.astype(np.float32), 5)
     ref_ids, ref_scores = brute_force(store, queries, 5)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_are_centered_or_whitened_on_the_stores_embeddings(each_keys):
+    store = each_keys
+    e = np.asarray(store.embeddings, dtype=np.float64)
+    mean, w = store.key_transform[0], store.key_transform[1:]
+    assert store.manifest["build"]["keys"] == store.key_mode
+    if store.key_mode == "raw":
+        assert not mean.any() and np.array_equal(w, np.eye(store.d))
+        return
+    np.testing.assert_allclose(mean, e.mean(0), rtol=1e-6, atol=1e-6)
+    white = (e - mean) @ w
+    np.testing.assert_allclose(white.mean(0), 0, atol=1e-4)
+    cov = np.cov(white.T)
+    if store.key_mode == "center":
+        assert np.array_equal(w, np.eye(store.d))
+        return
+    # identity covariance on the embeddings' own subspace, nothing outside it (the LayerNorm's null direction)
+    eig = np.linalg.eigvalsh(cov)
+    rank = np.linalg.matrix_rank(e - e.mean(0), tol=1e-3 * np.linalg.norm(e - e.mean(0), 2))
+    assert 0 < rank < store.d
+    np.testing.assert_allclose(eig[-rank:], 1, atol=1e-3)
+    np.testing.assert_allclose(eig[:-rank], 0, atol=1e-3)
+
+
+def test_every_chunk_retrieves_itself_even_from_an_anisotropic_encoder(store, encoder_run, stream,  # noqa: F811
+                                                                         tmp_path):
+    """An encoder whose states share one large common component (its last LayerNorm's bias + 10⁴): raw cosines of
+    any two chunks round to 1 in float32 and retrieval is random; centered or whitened keys find each chunk."""
+    from lmkit.generation import read_model
+    from lmkit_retrieval.encoder import ChunkEncoder
+
+    model, tokenizer, _, _ = read_model(encoder_run)
+    with torch.no_grad():
+        model.blocks[-1].ln_2.bias += 1e4
+    shifted = ChunkEncoder(model, tokenizer, "shifted")
+    chunks = np.asarray(store.chunks[:store.n_chunks])
+    _, first = np.unique(chunks, axis=0, return_index=True)
+    distinct = np.sort(first)  # chunks whose tokens occur once (a repeated chunk may rank its twin first)
+    assert len(distinct) > 0.9 * store.n_chunks
+    found = {}
+    for mode in ("raw", "center", "whiten"):
+        built = build_store(tmp_path / mode, stream[0], shifted, chunk_len=CHUNK, keys=mode)
+        ids, _ = built.search(np.asarray(built.embeddings)[distinct], 1)
+        found[mode] = (ids[:, 0] == distinct).mean()
+    assert found["center"] == 1.0 and found["whiten"] == 1.0, found
+    assert found["raw"] < 0.5, found
+    # the unshifted encoder's store finds each chunk too (its default keys are centered)
+    ids, _ = store.search(np.asarray(store.embeddings)[distinct], 1)
+    assert (ids[:, 0] == distinct).all()
 
 
 def test_a_query_never_retrieves_its_own_document(store):
@@ -172,7 +249,7 @@ def test_approximate_indexes_agree_with_flat(kind, store, encoder, stream, tmp_p
     else:  # nprobe = nlist visits every list: exact search over the index's own (quantized) reconstructions
         approx.index.make_direct_map()
         recon = torch.from_numpy(approx.index.reconstruct_n(0, approx.n_chunks))
-        q = torch.nn.functional.normalize(torch.from_numpy(queries.copy()), dim=1)
+        q = torch.from_numpy(approx.keys(queries))
         ref_scores, _ = (q @ recon.T).topk(4, dim=1)
         np.testing.assert_allclose(found_scores, ref_scores.numpy(), rtol=1e-4, atol=1e-4)
     own = approx.docs[:, 0]
@@ -216,6 +293,20 @@ def test_bad_stores_are_refused_in_one_line(store, tmp_path):
     with pytest.raises(DataError) as e:
         Datastore.open(copy)
     _one_line(e, "incomplete")
+
+    # a store of the previous format (raw embeddings indexed, no keys.npy) is refused, not searched differently
+    shutil.rmtree(copy)
+    shutil.copytree(store.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["build"]["format"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as e:
+        Datastore.open(copy)
+    _one_line(e, "format 1", "rebuild the store")
+    with pytest.raises(ConfigError) as e:
+        build_store(tmp_path / "x", np.zeros(64, np.int64), store.load_encoder(), chunk_len=CHUNK, keys="centre")
+    _one_line(e, "keys", "center")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
 def test_other_tokenizer_or_encoder_and_big_k_are_refused(store, encoder):  # noqa: F811
