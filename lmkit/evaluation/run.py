@@ -244,6 +244,9 @@ def evaluate(model_path, opts: EvalOptions | None = None, data_overrides: list[s
     if do_corpus:
         tokens, info = corpus_tokens(loaded, data_overrides or [], opts)
         results["corpus"] = {**info, **score_corpus(loaded, tokens, info, opts)}
+        if "neighbours" in getattr(loaded.model, "accepts", ()):  # RETRO: this verb gives it no neighbours
+            results["corpus"]["note"] = ("scored without retrieved neighbours (as its plain decoder); with them: "
+                                         "python -m lmkit retrieval evaluate MODEL store=STORE_DIR")
     if opts.tasks:
         results["tasks"] = run_tasks(loaded, tasks, opts)
         results["num_fewshot"] = opts.num_fewshot
@@ -259,6 +262,8 @@ def format_results(results: dict) -> str:
         lines.append(f"  {'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}")
         bpb = f"{corpus['bits_per_byte']:.4f}" if "bits_per_byte" in corpus else "-"
         lines.append(f"  {corpus['tokens']:>10} {corpus['loss']:>8.4f} {corpus['perplexity']:>11.3f} {bpb:>10}")
+        if corpus.get("note"):
+            lines.append(f"  note: {corpus['note']}")
     tasks = results.get("tasks")
     if tasks:
         lines.append(f"tasks ({results.get('num_fewshot', 0)}-shot):")

@@ -24,8 +24,9 @@ Build options:
   force=false               replace an existing OUT_DIR
 Search options: query=TEXT (required), k=4, exclude_doc=N, nprobe=N, ef_search=N, device, threads.
 evaluate: python -m lmkit retrieval evaluate RUN_OR_HF_DIR store=STORE_DIR [data=...] [stride=4] [query_len=32]
-  [k=1] [seq_len=N] [exclude_same_document=false] [batch_size=16] [split=] [max_tokens=N] [output=PATH]: In-Context
-  RALM bits/byte and perplexity of a decoder with and without retrieved neighbours prepended (lmkit_retrieval/ralm.py).
+  [k=1] [seq_len=N] [exclude_same_document=false] [batch_size=16] [split=] [max_tokens=N] [output=PATH]
+  [method=auto|ralm|retro]: bits/byte and perplexity of a decoder with and without retrieved neighbours: prepended
+  (In-Context RALM), or through chunked cross-attention for a RETRO model (lmkit_retrieval/ralm.py).
 """
 from __future__ import annotations
 

@@ -1,13 +1,20 @@
-"""In-Context RALM (Ram et al. 2023): retrieval for any decoder, no change to its architecture.
+"""``retrieval evaluate``: a decoder scored with and without retrieved neighbours.
 
-``python -m lmkit retrieval evaluate MODEL store=STORE [data=... data.KEY=...] [stride=4] [query_len=32] [k=1]``
+``python -m lmkit retrieval evaluate MODEL store=STORE [data=... data.KEY=...] [stride=4] [query_len=32] [k=1]
+[method=auto|ralm|retro]``
+
+Two methods: In-Context RALM (Ram et al. 2023), retrieval for any decoder with no change to its
+architecture (neighbours prepended to the context), and, for a model that reads neighbours through
+chunked cross-attention (RETRO, ``model=retro_*``; ``method=auto`` picks it for such a model), RETRO's own
+(Borgeaud et al. 2021): the same rows as without retrieval, each complete chunk of a window given the
+store's ``k`` nearest chunks to its own embedding (the training tables' rule), ``query_len`` unused.
 
 The corpus is scored as :func:`lmkit.evaluation.corpus.score_decoder` scores it (the stream with an
 ``<eos>`` first, windows of ``stride`` targets, every token scored exactly once), twice:
 
 * without retrieval: each window's targets predicted from up to ``seq_len`` preceding tokens (the plain
   sliding window of ``python -m lmkit evaluate`` with ``eval.stride=stride``);
-* with retrieval: before each window, the last ``query_len`` tokens before its first target are embedded
+* with retrieval (RALM): before each window, the last ``query_len`` tokens before its first target are embedded
   by the store's encoder and searched; the real tokens of the top ``k`` neighbours (chunk + continuation,
   the best one nearest the context) are prepended, and the context is cut on the left so that neighbours
   + context fit ``seq_len``. The scored targets are the same.
@@ -32,9 +39,11 @@ import torch
 from lmkit.errors import ConfigError
 
 USAGE = ("usage: python -m lmkit retrieval evaluate RUN_OR_HF_DIR store=STORE_DIR [data=... data.KEY=...] "
-         "[stride=4] [query_len=32] [k=1] [seq_len=N] [exclude_same_document=false] [OPTION=VALUE ...]")
+         "[stride=4] [query_len=32] [k=1] [seq_len=N] [exclude_same_document=false] [method=auto|ralm|retro] "
+         "[OPTION=VALUE ...]")
 INT_OPTIONS = ("stride", "query_len", "k", "seq_len", "batch_size", "max_tokens", "threads", "nprobe", "ef_search")
-OPTIONS = ("store", *INT_OPTIONS, "split", "exclude_same_document", "output", "device")
+OPTIONS = ("store", *INT_OPTIONS, "split", "exclude_same_document", "output", "device", "method")
+METHODS = ("auto", "ralm", "retro")
 
 
 @dataclass
@@ -59,6 +68,38 @@ class Retriever:
         real = (values != self.store.manifest["pad_id"]) & (ids[:, ::-1, None] >= 0)
         b = len(query)
         return values.reshape(b, -1), real.reshape(b, -1), ids
+
+
+@dataclass
+class ChunkNeighbours:
+    """RETRO's retrieval at evaluation (chunked cross-attention): the store's ``k`` nearest chunks to each
+    complete chunk of a window row (the chunk's tokens embedded by the store's encoder, as the training
+    tables embed them), each with its continuation. A partial chunk gets none: its neighbours could only
+    reach the positions after it, which are padding. ``docs``: as :class:`Retriever`'s.
+    """
+
+    store: object
+    encoder: object
+    k: int
+    docs: np.ndarray | None = None
+
+    def model_inputs(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> dict:
+        """``{"neighbours": int64 [B, l, k, 2m], "neighbour_mask": bool [B, l, k, 2m]}`` for rows ``ids`` [B, W]
+        whose first ``lengths`` [B] tokens are real and start at stream position ``starts`` [B]."""
+        m = self.store.chunk_len
+        b_rows, width = ids.shape
+        l = -(-width // m)
+        chunks = np.pad(ids, ((0, 0), (0, l * m - width))).reshape(b_rows, l, m)
+        complete = (np.arange(l)[None, :] + 1) * m <= lengths[:, None]
+        found = np.full((b_rows, l, self.k), -1, dtype=np.int64)
+        b, u = np.nonzero(complete)
+        if len(b):
+            first = starts[b] + u * m
+            exclude = None if self.docs is None else np.stack([self.docs[first], self.docs[first + m - 1]], axis=1)
+            found[b, u], _ = self.store.search(self.encoder.embed(chunks[b, u]), self.k, exclude)
+        values = self.store.neighbours(found)
+        real = (values != self.store.manifest["pad_id"]) & (found >= 0)[..., None]
+        return {"neighbours": values, "neighbour_mask": real}
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +153,11 @@ def build_rows(stream: np.ndarray, firsts: np.ndarray, ends: np.ndarray, seq_len
 
 
 @torch.no_grad()
-def _nll(model, ids, positions, targets, valid) -> float:
+def _nll(model, ids, positions, targets, valid, **inputs) -> float:
+    """Summed NLL of ``targets`` at ``positions`` (where ``valid``); ``inputs``: further model inputs (arrays)."""
     device = next(model.parameters()).device
-    hidden = model(torch.as_tensor(ids, device=device))
+    hidden = model(torch.as_tensor(ids, device=device),
+                   **{key: torch.as_tensor(value, device=device) for key, value in inputs.items()})
     rows = torch.as_tensor(np.nonzero(valid)[0], device=device)
     pos = torch.as_tensor(positions[valid], device=device)
     logprobs = torch.log_softmax(model.logits(hidden[rows, pos]).float(), dim=-1)
@@ -123,8 +166,11 @@ def _nll(model, ids, positions, targets, valid) -> float:
 
 def score_ralm(model, stream: np.ndarray, byte_lengths: np.ndarray, *, seq_len: int, stride: int,
                query_len: int = 32, retriever=None, pad_id: int = 0, batch_size: int = 16, progress=None) -> dict:
-    """``{"without": CorpusScore, "with": CorpusScore, "neighbour_tokens": mean prepended tokens, ...}`` of
-    ``stream`` (``<eos>`` first) under the decoder ``model``; ``retriever`` None (or k = 0): no retrieval."""
+    """``{"without": CorpusScore, "with": CorpusScore, "neighbour_tokens": mean neighbour tokens, ...}`` of
+    ``stream`` (``<eos>`` first) under the decoder ``model``; ``retriever`` None (or k = 0): no retrieval; a
+    :class:`Retriever` (or any callable of its signature): neighbours prepended to the context (In-Context
+    RALM); a :class:`ChunkNeighbours`: the same rows, neighbours given to RETRO's chunked cross-attention
+    (``query_len`` unused)."""
     from lmkit.evaluation.corpus import CorpusScore
 
     check_settings(stride, query_len, seq_len)
@@ -135,16 +181,25 @@ def score_ralm(model, stream: np.ndarray, byte_lengths: np.ndarray, *, seq_len: 
     for at in range(0, len(firsts), batch_size):
         f, e = firsts[at:at + batch_size], ends[at:at + batch_size]
         t0 = time.perf_counter()
-        nll = _nll(model, *build_rows(stream, f, e, seq_len, pad_id))
+        rows = build_rows(stream, f, e, seq_len, pad_id)
+        nll = _nll(model, *rows)
         plain.nll += nll
         t1 = time.perf_counter()
-        if retriever is not None:
+        inputs, used = {}, 0
+        if hasattr(retriever, "model_inputs"):  # RETRO: the same rows, neighbours read through CCA
+            c = np.minimum(e - 1, seq_len)
+            inputs = retriever.model_inputs(rows[0], e - 1 - c, c)
+            used = int(inputs["neighbour_mask"].sum())
+        elif retriever is not None:  # In-Context RALM: neighbours prepended, the context cut to fit
             q, q_real = queries(stream, f, query_len, pad_id)
             prefix, real, _ = retriever(q, q_real, np.maximum(f - query_len, 0), e - 1)
-            prepended += int(real.sum())
+            used = int(real.sum())
+            if used:
+                rows = build_rows(stream, f, e, seq_len, pad_id, prefix, real)
+        prepended += used
         t2 = time.perf_counter()
-        if retriever is not None and real.any():
-            nll = _nll(model, *build_rows(stream, f, e, seq_len, pad_id, prefix, real))
+        if used:
+            nll = _nll(model, *rows, **inputs)
         ralm.nll += nll  # no neighbour: the same rows as without retrieval
         t3 = time.perf_counter()
         seconds["without"] += t1 - t0
@@ -217,6 +272,9 @@ def _parse(argv: list[str]):
         if key in opts and opts[key] < (0 if key == "k" else 1):
             raise ConfigError(f"retrieval evaluate: {key}={opts[key]} must be >= {0 if key == 'k' else 1}")
     check_settings(opts.get("stride", 4), opts.get("query_len", 32))
+    from lmkit.config.checks import check_choice
+
+    check_choice("method", opts.get("method", "auto"), METHODS)
     return positionals[0], opts, data
 
 
@@ -226,7 +284,7 @@ def evaluate(model_path, opts: dict, data_overrides: list[str]) -> dict:
     from lmkit.evaluation.run import EvalOptions, corpus_tokens, load_model
     from lmkit_retrieval.store import Datastore
 
-    stride, query_len, k = opts.get("stride", 4), opts.get("query_len", 32), opts.get("k", 1)
+    stride, query_len = opts.get("stride", 4), opts.get("query_len", 32)
     store = Datastore.open(opts["store"])  # a missing store fails before the model is read
     for key in ("nprobe", "ef_search"):
         if key in opts:
@@ -240,13 +298,17 @@ def evaluate(model_path, opts: dict, data_overrides: list[str]) -> dict:
                           f"{model.kind.replace('_', '-')} (In-Context RALM prepends text to a left-to-right "
                           f"model's context)")
     store.check_compatible(tok)
+    retro = _uses_cca(model, loaded.architecture, opts.get("method", "auto"))
+    k = opts.get("k", model.n_neighbours if retro else 1)
+    if retro:
+        _check_retro(model, store, k)
     max_len = getattr(model, "max_seq_len", None) or 512
     trained = (loaded.run_config.get("data") or {}).get("seq_len")
     seq_len = opts.get("seq_len") or min(trained or max_len, max_len, 1024)
     if seq_len > max_len:
         raise ConfigError(f"retrieval evaluate: seq_len={seq_len} is longer than the model's max_seq_len={max_len}")
     check_settings(stride, query_len, seq_len)
-    if k and k * 2 * store.chunk_len + stride > seq_len:
+    if k and not retro and k * 2 * store.chunk_len + stride > seq_len:
         raise ConfigError(f"retrieval evaluate: k={k} neighbours of {2 * store.chunk_len} tokens leave no room for "
                           f"stride={stride} in seq_len={seq_len}: use a larger seq_len or a smaller k")
     tokens, info = corpus_tokens(loaded, data_overrides,
@@ -263,7 +325,7 @@ def evaluate(model_path, opts: dict, data_overrides: list[str]) -> dict:
                 loaded, data_overrides, EvalOptions(split=split).check())[0])
             token_docs = document_ids(np.asarray(tokens), tok.eos_id) + offset
             docs = np.concatenate([token_docs[:1], token_docs])  # the leading <eos> joins the first document
-        retriever = Retriever(store, encoder, k, docs)
+        retriever = (ChunkNeighbours if retro else Retriever)(store, encoder, k, docs)
     byte_lengths = np.asarray(tok.token_byte_lengths(), dtype=np.int64)
     from lmkit.evaluation.run import _progress
 
@@ -273,11 +335,36 @@ def evaluate(model_path, opts: dict, data_overrides: list[str]) -> dict:
                          progress=bar.update)
     return {"model": str(model_path), "architecture": loaded.architecture,
             "run_dir": None if loaded.run_dir is None else str(loaded.run_dir), "store": str(store.path),
-            "store_data": store.manifest.get("data"), "corpus": info, "method": "In-Context RALM (Ram et al. 2023)",
-            "seq_len": seq_len, "stride": stride, "query_len": query_len, "k": k,
+            "store_data": store.manifest.get("data"), "corpus": info,
+            "method": ("RETRO chunked cross-attention (Borgeaud et al. 2021)" if retro
+                       else "In-Context RALM (Ram et al. 2023)"),
+            "seq_len": seq_len, "stride": stride, "query_len": None if retro else query_len, "k": k,
             "exclude_same_document": bool(opts.get("exclude_same_document")), "windows": out["windows"],
             "neighbour_tokens_per_window": out["neighbour_tokens"], "seconds": out["seconds"],
             "without_retrieval": out["without"].metrics(), "with_retrieval": out["with"].metrics()}
+
+
+def _uses_cca(model, architecture: str, method: str) -> bool:
+    """Whether to give neighbours through chunked cross-attention (RETRO) rather than in the context."""
+    reads_neighbours = "neighbours" in getattr(model, "accepts", ())
+    if method == "retro" and not reads_neighbours:
+        raise ConfigError(f"retrieval evaluate: method=retro needs a model that reads neighbours through chunked "
+                          f"cross-attention (model=retro_tiny|retro_small); this is a {architecture}: use "
+                          f"method=ralm (neighbours prepended to the context)")
+    return reads_neighbours and method != "ralm"
+
+
+def _check_retro(model, store, k: int) -> None:
+    m = store.chunk_len
+    if model.chunk_len != m:
+        raise ConfigError(f"retrieval evaluate: the model's chunk_len={model.chunk_len} differs from the store's "
+                          f"chunk_len={m}; use a store built with chunk_len={model.chunk_len} (or method=ralm)")
+    if k not in (0, model.n_neighbours):
+        raise ConfigError(f"retrieval evaluate: k={k}, but this RETRO model reads n_neighbours={model.n_neighbours} "
+                          f"neighbours per chunk; leave k out (or k=0 for no retrieval)")
+    if model.cfg.neighbour_tokens < 2 * m:
+        raise ConfigError(f"retrieval evaluate: the model's neighbour_len={model.cfg.neighbour_tokens} is shorter "
+                          f"than the store's neighbours (2·chunk_len = {2 * m} tokens)")
 
 
 def format_results(results: dict) -> str:
@@ -285,7 +372,9 @@ def format_results(results: dict) -> str:
     lines = [f"model: {results['model']} ({results['architecture']})",
              f"corpus: {c['path']} (split {c['split']}), sliding window {results['seq_len']}, stride "
              f"{results['stride']}; store {results['store']} (split {(results['store_data'] or {}).get('split')}), "
-             f"query {results['query_len']} tokens, k {results['k']}"
+             + (f"query {results['query_len']} tokens, " if results["query_len"]
+                else "neighbours of each chunk (CCA), ")
+             + f"k {results['k']}"
              + (", own documents excluded" if results["exclude_same_document"] else ""),
              f"  {'':<18} {'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}"]
     for label, key in (("without retrieval", "without_retrieval"), ("with retrieval", "with_retrieval")):

@@ -29,9 +29,9 @@ def corpus(encoder, tmp_path_factory):  # noqa: F811
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     data = ["data.source=text", f"data.path={root / 'corpus.txt'}", 'data.doc_separator="\n\n"',
             f"data.cache_dir={root / 'cache'}"]
-    tokens, _ = corpus_stream(encoder.tokenizer, data, "train")
+    tokens, description = corpus_stream(encoder.tokenizer, data, "train")
     tokens = np.asarray(tokens, dtype=np.int64)
-    build_store(root / "store", tokens, encoder, chunk_len=CHUNK)
+    build_store(root / "store", tokens, encoder, chunk_len=CHUNK, data=description)
     return data, tokens, root / "store"
 
 
@@ -46,7 +46,7 @@ def trained(corpus, tmp_path_factory):
 
     torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("retro-run")
-    return lmkit.api.run(_argv(corpus), run_dir)
+    return {**lmkit.api.run(_argv(corpus), run_dir), "run_dir": run_dir}
 
 
 def _datamodule(corpus, tmp_path, *extra):
@@ -185,6 +185,123 @@ def test_bad_input_is_one_line(corpus, encoder, capsys, tmp_path):  # noqa: F811
     one_error_line(capsys, ["train", *base, f"objective.store={shifted.path}"], "holds other text")
     other = build_store(tmp_path / "other", tokens[:CHUNK * 8], _OtherTokenizerEncoder(encoder), chunk_len=CHUNK)
     one_error_line(capsys, ["train", *base, f"objective.store={other.path}"], "another tokenizer")
+
+
+def _retro_reference_nll(model, store, encoder, stream, seq_len, stride, k, docs=None):  # noqa: F811
+    """Summed NLL of ``stream``'s sliding windows, one window and one chunk at a time: each complete chunk of the
+    window's context gets the store's top-k to its own embedding (chunk + continuation), given to the model;
+    ``docs`` (the document of each stream position): no neighbour overlapping the chunk's documents.
+    Returns (NLL, the neighbours [l, k, 2m] of each window)."""
+    from lmkit.evaluation.corpus import sliding_windows
+
+    m, total, given = store.chunk_len, 0.0, []
+    for _, first, end in sliding_windows(len(stream), seq_len, stride):
+        c = min(end - 1, seq_len)
+        ctx = stream[end - 1 - c:end - 1]
+        l = -(-c // m)
+        neighbours = np.zeros((1, l, k, 2 * m), dtype=np.int64)
+        mask = np.zeros((1, l, k, 2 * m), dtype=bool)
+        for u in range(c // m):  # complete chunks only
+            at = end - 1 - c + u * m
+            exclude = None if docs is None else [[docs[at], docs[at + m - 1]]]
+            ids, _ = store.search(encoder.embed(ctx[None, u * m:(u + 1) * m]), k, exclude)
+            neighbours[0, u] = store.neighbours(ids[0])
+            mask[0, u] = (neighbours[0, u] != store.manifest["pad_id"]) & (ids[0] >= 0)[:, None]
+        given.append(np.where(mask[0], neighbours[0], -1))
+        with torch.no_grad():
+            hidden = model(torch.from_numpy(ctx[None].astype(np.int64)), neighbours=torch.from_numpy(neighbours),
+                           neighbour_mask=torch.from_numpy(mask))
+            logp = torch.log_softmax(model.logits(hidden[0]).float(), -1)
+        n = end - first
+        positions = torch.arange(c - n, c)
+        total -= float(logp[positions, torch.from_numpy(stream[first:end].astype(np.int64))].sum())
+    return total, given
+
+
+def _recording_neighbours(monkeypatch):
+    """Record the neighbours (masked entries as -1) that ``retrieval evaluate`` gives each window, in order."""
+    from lmkit_retrieval.ralm import ChunkNeighbours
+
+    given, original = [], ChunkNeighbours.model_inputs
+
+    def record(self, ids, starts, lengths):
+        out = original(self, ids, starts, lengths)
+        given.extend(np.where(out["neighbour_mask"], out["neighbours"], -1))
+        return out
+
+    monkeypatch.setattr(ChunkNeighbours, "model_inputs", record)
+    return given
+
+
+def _same_neighbours(given, expected):
+    assert len(given) == len(expected)
+    for got, want in zip(given, expected):  # a batch's rows have the longest row's chunks: the rest are empty
+        assert np.array_equal(got[:len(want)], want) and (got[len(want):] == -1).all()
+
+
+def test_retrieval_evaluate_gives_a_retro_model_each_chunks_neighbours(trained, corpus, encoder,  # noqa: F811
+                                                                       monkeypatch):
+    """``retrieval evaluate`` on a RETRO run scores it through chunked cross-attention: the same windows as
+    without retrieval, each complete chunk given the store's neighbours (equal to a window-by-window loop)."""
+    from lmkit.evaluation.run import EvalOptions, corpus_tokens, load_model
+    from lmkit_retrieval.ralm import evaluate, format_results
+
+    _, _, store_path = corpus
+    run_dir = trained["run_dir"]
+    given = _recording_neighbours(monkeypatch)
+    out = evaluate(run_dir, {"store": str(store_path), "stride": 24, "max_tokens": 300, "device": "cpu"}, [])
+    assert out["method"].startswith("RETRO") and out["k"] == 2 and out["query_len"] is None
+    assert "neighbours of each chunk (CCA)" in format_results(out)
+    loaded = load_model(run_dir)
+    tokens, _ = corpus_tokens(loaded, [], EvalOptions(max_tokens=300).check())
+    stream = np.concatenate([[loaded.tokenizer.eos_id], np.asarray(tokens, dtype=np.int64)])
+    store = Datastore.open(store_path)
+    ref, expected = _retro_reference_nll(loaded.model, store, store.load_encoder(), stream, 64, 24, 2)
+    _same_neighbours(given, expected)
+    got = out["with_retrieval"]
+    assert got["loss"] * got["tokens"] == pytest.approx(ref, rel=1e-5)
+    assert abs(got["loss"] - out["without_retrieval"]["loss"]) > 1e-5  # the neighbours changed the predictions
+    # k=0: no retrieval, both rows equal; method=ralm: the same model with neighbours in its context instead
+    none = evaluate(run_dir, {"store": str(store_path), "stride": 24, "max_tokens": 300, "k": 0}, [])
+    assert none["with_retrieval"]["loss"] == none["without_retrieval"]["loss"] == out["without_retrieval"]["loss"]
+    ralm = evaluate(run_dir, {"store": str(store_path), "stride": 4, "max_tokens": 100, "method": "ralm",
+                              "seq_len": 64, "query_len": 16}, [])
+    assert ralm["method"].startswith("In-Context RALM") and ralm["k"] == 1
+    # lmkit's own evaluate scores the plain decoder (the "without" row) and says so
+    from lmkit.evaluation.run import evaluate as lmkit_evaluate, format_results as lmkit_format
+
+    plain = lmkit_evaluate(run_dir, EvalOptions(max_tokens=300, stride=24, seq_len=64))["corpus"]
+    assert plain["loss"] == pytest.approx(out["without_retrieval"]["loss"], rel=1e-5)
+    printed = lmkit_format({"model": str(run_dir), "architecture": "retro", "corpus": plain})
+    assert "retrieval evaluate" in plain["note"] and "note: scored without retrieved neighbours" in printed
+    # the store holds the training split: scored with its own documents excluded, as the loop excludes them
+    from lmkit_retrieval.store import document_ids
+
+    given.clear()
+    ruled = evaluate(run_dir, {"store": str(store_path), "stride": 24, "max_tokens": 300, "split": "train",
+                               "exclude_same_document": True}, [])
+    train, _ = corpus_tokens(loaded, [], EvalOptions(split="train", max_tokens=300).check())
+    stream = np.concatenate([[loaded.tokenizer.eos_id], np.asarray(train, dtype=np.int64)])
+    docs = document_ids(np.asarray(train), loaded.tokenizer.eos_id)
+    ref, expected = _retro_reference_nll(loaded.model, store, store.load_encoder(), stream, 64, 24, 2,
+                                         np.concatenate([docs[:1], docs]))
+    _same_neighbours(given, expected)
+    got = ruled["with_retrieval"]
+    assert ruled["exclude_same_document"] and got["loss"] * got["tokens"] == pytest.approx(ref, rel=1e-5)
+    assert docs.max() >= 3  # the scored text spans several speeches
+    _, unruled = _retro_reference_nll(loaded.model, store, store.load_encoder(), stream, 64, 24, 2)
+    assert any(not np.array_equal(a, b) for a, b in zip(expected, unruled))  # the rule removed some neighbours
+
+
+def test_retrieval_evaluate_refuses_mismatched_retro_settings(trained, corpus, encoder, capsys,  # noqa: F811
+                                                              tmp_path):
+    _, tokens, store_path = corpus
+    run_dir = str(trained["run_dir"])
+    evaluate = ["retrieval", "evaluate", run_dir, f"store={store_path}", "max_tokens=200"]
+    one_error_line(capsys, [*evaluate, "k=1"], "n_neighbours=2")
+    one_error_line(capsys, [*evaluate, "method=retor"], "Did you mean 'retro'")
+    wide = build_store(tmp_path / "wide", tokens[:CHUNK * 40], encoder, chunk_len=2 * CHUNK)
+    one_error_line(capsys, ["retrieval", "evaluate", run_dir, f"store={wide.path}"], "store's chunk_len=32")
 
 
 class _OtherTokenizerEncoder:
