@@ -1,6 +1,7 @@
 """Constants and helpers shared by the core tests."""
 from __future__ import annotations
 
+import csv
 import textwrap
 from pathlib import Path
 
@@ -84,3 +85,13 @@ def assert_compiled_matches_eager(built) -> None:
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from the run's CSV log ({} while the file is missing or being rewritten)."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    try:
+        with open(path) as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -1,7 +1,6 @@
 """data=litdata: token stores written by ``python -m lmkit optimize`` and streamed by litdata's loader."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -21,7 +20,7 @@ from lmkit.commands.optimize import optimize  # noqa: E402
 from lmkit.data.cache import load_tokens  # noqa: E402
 from lmkit.data.sources import TextSource  # noqa: E402
 from lmkit.tokenizers.byte import ByteTokenizer  # noqa: E402
-from lmkit_test_utils import TINY, one_error_line  # noqa: E402
+from lmkit_test_utils import TINY, one_error_line, step_losses  # noqa: E402
 
 CHUNK = 4096  # tokens per shard: the corpus below makes about 15 training shards
 
@@ -196,11 +195,6 @@ def test_noise_keys_follow_the_block_and_the_epoch(store):
     assert max(first) < dm.n_train
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact(store, tmp_path, workers):
     common = _train_args(store, "logger=csv", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=3",
@@ -210,7 +204,7 @@ def test_resume_is_exact(store, tmp_path, workers):
     run(common + ["trainer.max_steps=3"], tmp_path / "part")
     run(common + ["trainer.max_steps=8", f"resume={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"],
         tmp_path / "resumed")
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    a, b = step_losses(tmp_path / "full"), step_losses(tmp_path / "resumed")
     assert sorted(b) == [3, 4, 5, 6, 7]
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(b)]
 
@@ -235,10 +229,10 @@ def test_resume_on_two_ranks_is_exact(store, tmp_path):
                               str(_free_port()), "-m", "lmkit", *common, *extra, f"hydra.run.dir={tmp_path / name}"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    a, b = step_losses(tmp_path / "full"), step_losses(tmp_path / "resumed")
     assert sorted(b) == [3, 4, 5, 6, 7]
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(b)]
-    assert a[3] != _losses(tmp_path / "part").get(2)  # the runs trained (losses move)
+    assert a[3] != step_losses(tmp_path / "part").get(2)  # the runs trained (losses move)
 
 
 # -- bad input: one line each, nothing overwritten ---------------------------------------------

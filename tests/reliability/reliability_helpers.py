@@ -1,14 +1,13 @@
 """Helpers for the reliability tests: the fault plugin, lmkit subprocesses, logs and checkpoints."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from lmkit_test_utils import TINY
+from lmkit_test_utils import TINY, step_losses  # noqa: F401  (step_losses: re-exported)
 
 HERE = Path(__file__).resolve().parent
 FAULTS_SOURCE = (HERE / "fault_plugin.py").read_text()
@@ -52,16 +51,6 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, in
 def run_dirs(cwd: Path) -> list[Path]:
     """Run directories created by Hydra under ``cwd/outputs``, oldest first."""
     return sorted((cwd / "outputs").glob("*/*"), key=lambda p: p.stat().st_ctime_ns)
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss from the run's CSV log ({} while the file is missing or being rewritten)."""
-    path = run_dir / "logs" / "metrics.csv"
-    try:
-        with open(path) as f:
-            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def logged_steps(run_dir: Path) -> int:

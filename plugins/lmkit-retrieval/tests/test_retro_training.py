@@ -170,6 +170,25 @@ def test_training_lowers_the_loss(trained):
     assert end["val/bpb"] < start["val/bpb"]
 
 
+def test_resume_is_exact(corpus, tmp_path):
+    """Interrupted at step 3 and resumed (2 loader workers, gradient accumulation 2): the same losses, step for step,
+    as the uninterrupted run (the neighbours are a function of the block's index)."""
+    import lmkit.api
+    from lmkit_test_utils import step_losses
+
+    common = _argv(corpus, "logger=csv", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=3",
+                   "trainer.val_check_interval=3", "data.grad_accum=2", "data.num_workers=2",
+                   "scheduler.decay_steps=8")
+    lmkit.api.run(common + ["trainer.max_steps=8"], tmp_path / "full")
+    lmkit.api.run(common + ["trainer.max_steps=3"], tmp_path / "part")
+    lmkit.api.run(common + ["trainer.max_steps=8", f"resume={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"],
+                  tmp_path / "resumed")
+    full, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4, 5, 6, 7]
+    assert [resumed[s] for s in sorted(resumed)] == [full[s] for s in sorted(resumed)]
+    assert full[7] != full[3]
+
+
 def test_bad_input_is_one_line(corpus, encoder, capsys, tmp_path):  # noqa: F811
     data, tokens, store = corpus
     base = [a for a in _argv(corpus) if not a.startswith("objective.store=")] + [f"hydra.run.dir={tmp_path / 'r'}"]
