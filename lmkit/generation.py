@@ -7,6 +7,12 @@ from the decoder start token (the one the model was trained with). Architectures
 ``forward(..., input_pos=)`` nor ``forward_cached`` are decoded without a cache (the whole
 context rerun each step).
 
+``cache=static`` (gpt, llama): the caches hold ``max_seq_len`` positions, positions go in as a tensor,
+and every step attends over the whole cache with the unwritten positions masked, so every decode step
+has the same shapes; the caches are kept per model and batch size between calls. ``compile=true``
+compiles that decode step with ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on a
+GPU; the caches' addresses are marked static) once, and reuses it for every later call of that shape.
+
 Each step: repetition penalty (over the context, as transformers does), then greedy
 (``temperature=0``) or temperature -> top-k -> top-p -> a sample drawn with a
 ``torch.Generator`` seeded by ``seed``. Generation ends at ``<eos>``, at a stop string (cut
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,6 +52,8 @@ class GenerationOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     use_cache: bool = True
+    cache: str = "dynamic"  # dynamic | static (fixed shapes: max_seq_len positions, masked; decoders gpt/llama)
+    compile: bool = False  # torch.compile the decode step (implies cache=static; CUDA: CUDA graphs)
 
     def check(self) -> "GenerationOptions":
         if isinstance(self.stop, str):
@@ -66,10 +75,20 @@ class GenerationOptions:
             raise ConfigError(f"repetition_penalty={self.repetition_penalty!r}: give a number > 0 (1 = none)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed={self.seed!r}: give a whole number")
+        from lmkit.config.checks import check_choice
+
+        check_choice("cache", self.cache, CACHE_KINDS)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile={self.compile!r}: give true or false")
+        if self.compile:
+            self.cache = "static"
+        if self.cache == "static" and not self.use_cache:
+            raise ConfigError("cache=static (or compile=true) needs use_cache=true")
         return self
 
 
 OPTION_NAMES = tuple(GenerationOptions.__dataclass_fields__)
+CACHE_KINDS = ("dynamic", "static")
 
 
 # --- logits processing --------------------------------------------------------------------------
@@ -136,16 +155,57 @@ def supports_cache(model) -> bool:
         return False
 
 
+def supports_static_cache(model) -> bool:
+    """Decoders whose cached forward takes tensor positions (gpt, llama), without banded (local) layers."""
+    if not getattr(model, "static_kv_cache", False):
+        return False
+    return all(getattr(getattr(block, "attn", None), "window", None) is None for block in model.transformer_blocks())
+
+
+_STATIC = weakref.WeakKeyDictionary()  # model -> {(batch, max_len, device, dtype): (caches, compiled step)}
+
+
+def _static_state(model, batch_size: int, max_len: int, compiled: bool) -> dict:
+    """The model's static caches for this shape (reused across calls, so that a compiled step compiles once)."""
+    param = next(model.parameters())
+    key = (batch_size, max_len, str(param.device), param.dtype)
+    per_model = _STATIC.setdefault(model, {})
+    if key not in per_model:
+        per_model.clear()  # one shape at a time: the caches hold batch × layers × max_len keys and values
+        per_model[key] = {"caches": None, "step": None}
+    state = per_model[key]
+    if compiled and state["step"] is None:
+        mode = "reduce-overhead" if param.device.type == "cuda" else None  # CUDA graphs on GPUs
+        state["step"] = torch.compile(lambda ids, pos: _cached_logits(model, ids, pos), mode=mode, dynamic=False)
+    return state
+
+
+def _cached_logits(model, ids: torch.Tensor, pos) -> torch.Tensor:
+    """Logits [B, V] of the last of ``ids`` [B, T], the tokens at positions ``pos..`` (a decoder, caches attached;
+    ``pos`` an int, or a tensor of T positions for a static cache)."""
+    hidden = model.forward_cached(ids, pos) if callable(getattr(model, "forward_cached", None)) else model(
+        ids, input_pos=pos)
+    return model.logits(hidden[:, -1])
+
+
 @contextmanager
-def kv_cache(model, batch_size: int, max_len: int):
+def kv_cache(model, batch_size: int, max_len: int, static: dict | None = None):
     """Attach a KV cache to every self-attention layer of ``model``'s decoder (and an encoder-memory cache to
-    every cross-attention layer) for the duration of the block; removed afterwards."""
+    every cross-attention layer) for the duration of the block; removed afterwards. ``static``: a
+    :func:`_static_state`, whose caches are created once and attached again on later calls."""
     from lmkit.models.layers import CrossAttention, KVCache, MemoryKV, SelfAttention
 
     root = model.decoder if model.kind == "encoder_decoder" else model
     param = next(model.parameters())
     attached = []
+    kept = None if static is None else static["caches"]
     try:
+        if kept is not None:
+            for module, cache in kept:
+                module.kv_cache = cache
+                attached.append(module)
+            yield
+            return
         for module in root.modules():
             if isinstance(module, SelfAttention):
                 hd = module.qkv.out_features // 3 // module.n_head
@@ -160,6 +220,12 @@ def kv_cache(model, batch_size: int, max_len: int):
                 module.kv_cache = KVCache(batch_size, module.k.out_features // hd, max_len, hd, param.device,
                                           param.dtype)
                 attached.append(module)
+        if static is not None:
+            static["caches"] = [(module, module.kv_cache) for module in attached]
+            for _, cache in static["caches"]:  # written in place every step: fixed addresses let CUDA graphs keep them
+                for t in (getattr(cache, "k", None), getattr(cache, "v", None)):
+                    if torch.is_tensor(t):
+                        torch._dynamo.mark_static_address(t)
         yield
     finally:
         for module in attached:
@@ -258,25 +324,34 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
     streams = [_Stream(tokenizer, opts.stop, None if stream is None else (lambda t, i=i: stream(i, t)))
                for i in range(B)] if tokenizer is not None else None
     use_cache = opts.use_cache and supports_cache(model)
+    static = None
+    if opts.cache == "static":
+        if not supports_static_cache(model):
+            raise ConfigError(f"cache=static / compile=true: this {getattr(model.cfg, 'name', model.kind)} model has no "
+                              f"static-cache decoding (gpt and llama without local attention layers do); use the "
+                              f"default cache=dynamic")
+        static = _static_state(model, B, limit, opts.compile)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new: list[list[int]] = [[] for _ in range(B)]
 
-    with torch.no_grad(), (kv_cache(model, B, needed + 1) if use_cache else _nothing()):
+    with torch.no_grad(), (kv_cache(model, B, limit if static else needed + 1, static) if use_cache
+                           else _nothing()):
         memory = model.encode(src) if seq2seq else None
         pos = 0
         feed = context
         for _ in range(opts.max_new_tokens):
-            if use_cache:
-                if seq2seq:
-                    hidden = model.decode(feed, memory, input_pos=pos)
-                elif callable(getattr(model, "forward_cached", None)):
-                    hidden = model.forward_cached(feed, pos)
-                else:
-                    hidden = model(feed, input_pos=pos)
+            if static is not None:  # positions as a tensor: every decode step has the same shapes
+                positions = torch.arange(pos, pos + feed.shape[1], device=device)
+                step = static["step"] if static["step"] is not None and feed.shape[1] == 1 else None
+                logits = step(feed, positions).clone() if step is not None else _cached_logits(model, feed, positions)
+                pos += feed.shape[1]
+            elif use_cache:
+                logits = (model.logits(model.decode(feed, memory, input_pos=pos)[:, -1]) if seq2seq
+                          else _cached_logits(model, feed, pos))
                 pos += feed.shape[1]
             else:
                 hidden = model(src, decoder_input_ids=context) if seq2seq else model(context)
-            logits = model.logits(hidden[:, -1])
+                logits = model.logits(hidden[:, -1])
             if logits_out is not None:
                 logits_out.append(logits.float().cpu())
             tok = next_tokens(logits, context, opts, gen)

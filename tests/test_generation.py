@@ -83,6 +83,57 @@ def test_cached_decoding_equals_rerunning_the_full_context(case):
     assert c == u and len({tuple(x) for x in c}) == 3
 
 
+@pytest.mark.parametrize("case", ["gpt", "gpt_untied", "llama_gqa"])
+def test_static_cache_equals_the_dynamic_cache(case):
+    """cache=static (fixed shapes: every step attends over all max_seq_len cache entries, later ones masked) gives
+    the dynamic cache's logits and tokens, greedy and seeded sampling in a batch of 3."""
+    torch.manual_seed(0)
+    model = _perturbed(MODELS[case]()).double()
+    for opts in (dict(max_new_tokens=60, temperature=0),
+                 dict(max_new_tokens=20, temperature=1.0, top_k=50, num_samples=3, seed=7)):
+        dynamic, static = [], []
+        a, _ = generate_ids(model, PROMPT, GenerationOptions(**opts), logits_out=dynamic)
+        b, _ = generate_ids(model, PROMPT, GenerationOptions(**opts, cache="static"), logits_out=static)
+        assert a == b and len(set(a[0])) >= 5
+        assert max((x - y).abs().max().item() for x, y in zip(dynamic, static)) < 1e-9
+    # another prompt length reuses the same caches (stale entries beyond the prompt stay masked)
+    short = list(b"ROMEO:")
+    a, _ = generate_ids(model, short, GenerationOptions(max_new_tokens=30, temperature=0))
+    b, _ = generate_ids(model, short, GenerationOptions(max_new_tokens=30, temperature=0, cache="static"))
+    assert a == b
+    assert all(getattr(m, "kv_cache", None) is None for m in model.modules())
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once():
+    """compile=true: the decode step over the static cache compiled once (one graph), the same tokens and logits
+    as eager decoding; a second prompt of another length reuses the compiled step."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = _perturbed(MODELS["llama_gqa"]())
+    eager, compiled = [], []
+    a, _ = generate_ids(model, PROMPT, GenerationOptions(max_new_tokens=24, temperature=0), logits_out=eager)
+    graphs = counters["stats"]["unique_graphs"]
+    b, _ = generate_ids(model, PROMPT, GenerationOptions(max_new_tokens=24, temperature=0, compile=True),
+                        logits_out=compiled)
+    assert a == b and len(set(a[0])) >= 5
+    assert max((x - y).abs().max().item() for x, y in zip(eager, compiled)) < 1e-4
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    c, _ = generate_ids(model, PROMPT[:7], GenerationOptions(max_new_tokens=24, temperature=0, compile=True))
+    d, _ = generate_ids(model, PROMPT[:7], GenerationOptions(max_new_tokens=24, temperature=0))
+    assert c == d and counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_static_cache_is_refused_where_it_does_not_apply():
+    t5 = _perturbed(MODELS["t5"]())
+    with pytest.raises(LmkitError, match="no static-cache decoding"):
+        generate_ids(t5, PROMPT, GenerationOptions(max_new_tokens=2, cache="static"), decoder_start_id=TOK.pad_id)
+    with pytest.raises(LmkitError, match="Did you mean 'static'"):
+        GenerationOptions(cache="statik").check()
+    with pytest.raises(LmkitError, match="needs use_cache=true"):
+        GenerationOptions(compile=True, use_cache=False).check()
+
+
 def test_training_forward_is_untouched_by_a_finished_generation():
     model = _perturbed(MODELS["gpt"]())
     ids = torch.tensor([PROMPT])
@@ -228,6 +279,8 @@ def test_generate_verb_streams_text_from_a_trained_run(run_dir, capsys):
     assert first.startswith("ROMEO:") and len(first) > len("ROMEO:\n")
     assert lmkit.cli.main(argv) == 0
     assert capsys.readouterr().out == first  # the seed reproduces it
+    assert lmkit.cli.main(argv + ["cache=static"]) == 0
+    assert capsys.readouterr().out == first  # the static cache changes nothing but the shapes
     # several prompts from a file, two samples each, greedy
     prompts = run_dir.parent / "prompts.txt"
     prompts.write_text("ROMEO:\n\nJULIET:\n")
@@ -258,6 +311,8 @@ def test_generate_verb_refuses_bad_arguments_in_one_line(run_dir, tmp_path, caps
     _one_error(capsys, ["generate", run, "prompt=x", "top_p=0"], "top_p=0")
     _one_error(capsys, ["generate", run, "prompt=x", "top_p=1.5"], "(0, 1]")
     _one_error(capsys, ["generate", run, "prompt=x", "max_new_tokens=many"], "max_new_tokens=many")
+    _one_error(capsys, ["generate", run, "prompt=x", "cache=statik"], "Did you mean 'static'")
+    _one_error(capsys, ["generate", run, "prompt=x", "compile=maybe"], "compile=maybe: give true or false")
     _one_error(capsys, ["generate", run], "needs a prompt")
     _one_error(capsys, ["generate", run, "prompt=x", "max_new_tokens=1000"], "max_seq_len=64")
     _one_error(capsys, ["generate", str(tmp_path / "missing"), "prompt=x"], "does not exist")

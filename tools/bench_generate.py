@@ -7,6 +7,11 @@ Every row generates exactly ``--new`` tokens (no eos stop on either side). Print
 per measurement and a table.
 
     python tools/bench_generate.py [--batch 1 8] [--new 256] [--uncached-new 64] [--device cpu] [--threads N] [--repeat 2]
+                                   [--compile]
+
+``--compile`` adds two rows per batch: ``cache=static`` (fixed-shape cache, eager) and ``compile=true``
+(the decode step compiled over it; CUDA graphs on a GPU), timed after one warm-up generation that compiles
+(its seconds are printed as ``compile_seconds``); both are checked to give the KV-cache row's tokens.
 
 Uncached decoding reruns the whole context every step (cost grows with the length), so it is
 timed over ``--uncached-new`` tokens by default and reported as tokens/s over those.
@@ -29,8 +34,9 @@ from lmkit.generation import GenerationOptions, generate_ids  # noqa: E402
 from lmkit.models.gpt import GPT, GPTConfig  # noqa: E402
 
 
-def lmkit_tokens(model, prompt, new, batch, use_cache):
-    opts = GenerationOptions(max_new_tokens=new, temperature=0, num_samples=batch, use_cache=use_cache)
+def lmkit_tokens(model, prompt, new, batch, use_cache, cache="dynamic", compile=False):
+    opts = GenerationOptions(max_new_tokens=new, temperature=0, num_samples=batch, use_cache=use_cache, cache=cache,
+                             compile=compile)
     ids, _ = generate_ids(model, prompt, opts, eos_id=None)
     return ids
 
@@ -63,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--skip-uncached", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is reported")
+    ap.add_argument("--compile", action="store_true", help="also cache=static and compile=true")
     args = ap.parse_args(argv)
     global REPEAT
     REPEAT = args.repeat
@@ -109,6 +116,17 @@ def main(argv=None):
             record("transformers generate", batch, args.new, s)
             same = theirs[:, len(prompt):].tolist() == ours
             print(json.dumps({"batch": batch, "same_tokens_as_transformers": same}), flush=True)
+            if args.compile:
+                static, s = time_it(lambda: lmkit_tokens(model, prompt, args.new, batch, True, "static"), args.device)
+                record("lmkit static cache", batch, args.new, s)
+                t0 = time.perf_counter()
+                lmkit_tokens(model, prompt, 8, batch, True, "static", True)  # compiles the decode step
+                warm = time.perf_counter() - t0
+                compiled, s = time_it(lambda: lmkit_tokens(model, prompt, args.new, batch, True, "static", True),
+                                      args.device)
+                record("lmkit static + compile", batch, args.new, s)
+                print(json.dumps({"batch": batch, "compile_seconds": round(warm, 1),
+                                  "same_tokens_as_kv_cache": static == ours and compiled == ours}), flush=True)
             if not args.skip_uncached:  # like for like: both over --uncached-new tokens
                 _, s = time_it(lambda: lmkit_tokens(model, prompt, args.uncached_new, batch, True), args.device)
                 record("lmkit (KV cache)", batch, args.uncached_new, s)

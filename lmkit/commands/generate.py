@@ -20,6 +20,9 @@ Options (OPTION=VALUE):
   stop=[S1,S2]            stop strings: the text ends before the first one
   device=auto             cpu, cuda, cuda:1 ... (auto: cuda when available)
   use_cache=true          false: rerun the whole context every step (slow; for checks)
+  cache=dynamic           static: a fixed-shape cache of max_seq_len positions (gpt, llama), same output
+  compile=false           true: torch.compile the decode step over a static cache (CUDA graphs on a GPU);
+                          compiles once per model and batch size (seconds), then every step reuses it
   template=TEXT           SFT prompt template ({prompt} = the prompt); default: the run's objective.template
   raw=false               true: a run trained with objective sft gets the prompt as plain text (no template)
 
@@ -36,8 +39,8 @@ from lmkit.errors import ConfigError, did_you_mean
 
 USAGE = "usage: python -m lmkit generate RUN_DIR|CHECKPOINT|HF_DIR prompt=\"...\" [OPTION=VALUE ...]"
 OPTIONS = ("prompt", "prompts_file", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-           "num_samples", "seed", "stop", "device", "use_cache", "template", "raw")
-_TEXT = ("prompt", "prompts_file", "device", "template")
+           "num_samples", "seed", "stop", "device", "use_cache", "cache", "compile", "template", "raw")
+_TEXT = ("prompt", "prompts_file", "device", "template", "cache")
 
 
 def _value(key: str, raw: str):
@@ -55,7 +58,7 @@ def _value(key: str, raw: str):
         return [str(v) for v in value] if isinstance(value, list) else [raw]
     if key == "top_k" and value in (None, "null", "none", "None"):
         return None
-    if key in ("use_cache", "raw"):
+    if key in ("use_cache", "raw", "compile"):
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={raw}: give true or false")
         return value

@@ -15,6 +15,7 @@ from lmkit.models.layers import (
     apply_documents,
     build_attention_bias,
     causal_mask_at,
+    static_causal_mask,
     sum_embeddings,
 )
 
@@ -74,6 +75,7 @@ class GPT(nn.Module):
     kind = "decoder"
     accepts = frozenset({"attn_mask", "token_type_ids", "document_ids"})  # token_type_ids: taken, ignored
     logits_are_linear = True  # logits(h) == h @ output_embedding().T: objectives may fuse head and loss
+    static_kv_cache = True  # forward_cached/_forward_cached take tensor positions (lmkit.generation cache=static)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -103,8 +105,14 @@ class GPT(nn.Module):
             x = block(x, mask=mask, is_causal=is_causal)
         return self.ln_f(x)
 
-    def _forward_cached(self, input_ids, input_pos: int):
+    def _forward_cached(self, input_ids, input_pos):
         T = input_ids.shape[1]
+        if torch.is_tensor(input_pos):  # a static cache: positions given as a tensor, every key masked explicitly
+            x = self.wte(input_ids) + self.wpe(input_pos)
+            mask = static_causal_mask(input_pos, self.blocks[0].attn.kv_cache.k.shape[2])
+            for block in self.blocks:
+                x = block(x, mask=mask, is_causal=False, input_pos=input_pos)
+            return self.ln_f(x)
         if input_pos + T > self.max_seq_len:
             raise ValueError(f"position {input_pos + T - 1} is beyond the model's max_seq_len={self.max_seq_len}")
         pos = torch.arange(input_pos, input_pos + T, device=input_ids.device)

@@ -132,8 +132,18 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` [B, H, T, hd] at positions ``input_pos..``; all keys/values up to there."""
+    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` [B, H, T, hd] at positions ``input_pos..``; all keys/values up to there.
+
+        ``input_pos`` a tensor of T positions (the static cache of ``lmkit.generation``'s ``cache=static``):
+        written there, and the whole cache is returned, whatever the position, so that every decode step has
+        the same shapes (what ``torch.compile`` and CUDA graphs need); :func:`static_causal_mask` hides the
+        positions not written yet.
+        """
+        if torch.is_tensor(input_pos):
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
         end = input_pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} was asked for")
@@ -147,6 +157,12 @@ class MemoryKV:
 
     def __init__(self):
         self.k = self.v = None
+
+
+def static_causal_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Bool [1, 1, T, max_len]: the query at ``positions[i]`` may attend to cache entries at positions <= it
+    (a static KV cache of ``max_len`` positions, whose later entries are stale or empty)."""
+    return (torch.arange(max_len, device=positions.device)[None, :] <= positions[:, None])[None, None]
 
 
 def causal_mask_at(input_pos: int, q_len: int, device) -> torch.Tensor:

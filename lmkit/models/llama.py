@@ -16,7 +16,13 @@ from torch import nn
 
 from lmkit.models.base import ArchitectureConfig
 from lmkit.models.init import initialize
-from lmkit.models.layers import GatedMLP, apply_documents, build_attention_bias, causal_mask_at
+from lmkit.models.layers import (
+    GatedMLP,
+    apply_documents,
+    build_attention_bias,
+    causal_mask_at,
+    static_causal_mask,
+)
 from lmkit.models.local_attention import banded_self_attention, mark_banded_layers
 
 
@@ -180,6 +186,7 @@ class Llama(nn.Module):
     kind = "decoder"
     accepts = frozenset({"attn_mask", "token_type_ids", "document_ids"})  # token_type_ids: taken, ignored
     logits_are_linear = True  # logits(h) == h @ output_embedding().T: objectives may fuse head and loss
+    static_kv_cache = True  # forward_cached/_forward_cached take tensor positions (lmkit.generation cache=static)
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -209,20 +216,25 @@ class Llama(nn.Module):
             x = block(x, cos, sin, mask=mask, is_causal=is_causal)
         return self.ln_f(x)
 
-    def forward_cached(self, input_ids, input_pos: int):
+    def forward_cached(self, input_ids, input_pos):
         """Hidden states of ``input_ids`` [B, T], the tokens at positions ``input_pos..``, with every block's
         ``attn.kv_cache`` set (a :class:`~lmkit.models.layers.KVCache` of ``n_kv_head`` heads): their keys and
-        values join the cache and the queries attend to all cached positions (generation)."""
+        values join the cache and the queries attend to all cached positions (generation). ``input_pos`` a
+        tensor of T positions: a static cache (see :meth:`lmkit.models.layers.KVCache.update`)."""
         T = input_ids.shape[1]
-        if input_pos + T > self.max_seq_len:
+        static = torch.is_tensor(input_pos)
+        if not static and input_pos + T > self.max_seq_len:
             raise ValueError(f"position {input_pos + T - 1} is beyond the model's max_seq_len={self.max_seq_len}")
         if any(block.attn.kv_cache is None for block in self.blocks):
             raise ValueError("forward_cached needs a kv_cache on every attention layer (lmkit.models.layers.KVCache "
                              "with n_kv_head heads)")
-        pos = torch.arange(input_pos, input_pos + T, device=input_ids.device)[None]
+        pos = input_pos[None] if static else torch.arange(input_pos, input_pos + T, device=input_ids.device)[None]
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta)
         x = self.wte(input_ids)
-        mask = None if T == 1 else causal_mask_at(input_pos, T, input_ids.device)  # one new token sees all keys
+        if static:
+            mask = static_causal_mask(input_pos, self.blocks[0].attn.kv_cache.k.shape[2])
+        else:
+            mask = None if T == 1 else causal_mask_at(input_pos, T, input_ids.device)  # one new token sees all keys
         for block in self.blocks:
             x = block(x, cos, sin, mask=mask, is_causal=False, input_pos=input_pos)
         return self.ln_f(x)
