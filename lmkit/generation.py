@@ -7,7 +7,8 @@ from the decoder start token (the one the model was trained with). Architectures
 ``forward(..., input_pos=)`` nor ``forward_cached`` are decoded without a cache (the whole
 context rerun each step).
 
-``cache=static`` (gpt, llama): the caches hold ``max_seq_len`` positions, positions go in as a tensor,
+``cache=static`` (gpt, llama): the caches hold a multiple of 256 positions (at most ``max_seq_len``), positions
+go in as a tensor,
 and every step attends over the whole cache with the unwritten positions masked, so every decode step
 has the same shapes; the caches are kept per model and batch size between calls. ``compile=true``
 compiles that decode step with ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on a
@@ -52,7 +53,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     use_cache: bool = True
-    cache: str = "dynamic"  # dynamic | static (fixed shapes: max_seq_len positions, masked; decoders gpt/llama)
+    cache: str = "dynamic"  # dynamic | static (fixed shapes: 256·n positions, masked; gpt, llama)
     compile: bool = False  # torch.compile the decode step (implies cache=static; CUDA: CUDA graphs)
 
     def check(self) -> "GenerationOptions":
@@ -162,18 +163,28 @@ def supports_static_cache(model) -> bool:
     return all(getattr(getattr(block, "attn", None), "window", None) is None for block in model.transformer_blocks())
 
 
-_STATIC = weakref.WeakKeyDictionary()  # model -> {(batch, max_len, device, dtype): (caches, compiled step)}
+_STATIC = weakref.WeakKeyDictionary()  # model -> {(batch, length, device, dtype): {caches, compiled step}}
+STATIC_BUCKET = 256  # static caches hold a multiple of this many positions (at most max_seq_len)
+_STATIC_KEPT = 2  # shapes kept per model (their caches hold batch × layers × length keys and values)
 
 
-def _static_state(model, batch_size: int, max_len: int, compiled: bool) -> dict:
+def static_length(needed: int, max_seq_len: int) -> int:
+    """Positions of a static cache for ``needed`` positions: rounded up to ``STATIC_BUCKET``, so that prompts and
+    lengths of a similar size share one compiled step, and at most ``max_seq_len``."""
+    return min(max_seq_len, -(-needed // STATIC_BUCKET) * STATIC_BUCKET)
+
+
+def _static_state(model, batch_size: int, length: int, compiled: bool) -> dict:
     """The model's static caches for this shape (reused across calls, so that a compiled step compiles once)."""
     param = next(model.parameters())
-    key = (batch_size, max_len, str(param.device), param.dtype)
+    key = (batch_size, length, str(param.device), param.dtype)
     per_model = _STATIC.setdefault(model, {})
     if key not in per_model:
-        per_model.clear()  # one shape at a time: the caches hold batch × layers × max_len keys and values
+        while len(per_model) >= _STATIC_KEPT:
+            per_model.pop(next(iter(per_model)))  # the oldest shape
         per_model[key] = {"caches": None, "step": None}
-    state = per_model[key]
+    state = per_model.pop(key)
+    per_model[key] = state  # the newest
     if compiled and state["step"] is None:
         mode = "reduce-overhead" if param.device.type == "cuda" else None  # CUDA graphs on GPUs
         state["step"] = torch.compile(lambda ids, pos: _cached_logits(model, ids, pos), mode=mode, dynamic=False)
@@ -324,18 +335,18 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
     streams = [_Stream(tokenizer, opts.stop, None if stream is None else (lambda t, i=i: stream(i, t)))
                for i in range(B)] if tokenizer is not None else None
     use_cache = opts.use_cache and supports_cache(model)
-    static = None
+    static, cache_len = None, needed + 1
     if opts.cache == "static":
         if not supports_static_cache(model):
             raise ConfigError(f"cache=static / compile=true: this {getattr(model.cfg, 'name', model.kind)} model has no "
                               f"static-cache decoding (gpt and llama without local attention layers do); use the "
                               f"default cache=dynamic")
-        static = _static_state(model, B, limit, opts.compile)
+        cache_len = static_length(needed + 1, limit)
+        static = _static_state(model, B, cache_len, opts.compile)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new: list[list[int]] = [[] for _ in range(B)]
 
-    with torch.no_grad(), (kv_cache(model, B, limit if static else needed + 1, static) if use_cache
-                           else _nothing()):
+    with torch.no_grad(), (kv_cache(model, B, cache_len, static) if use_cache else _nothing()):
         memory = model.encode(src) if seq2seq else None
         pos = 0
         feed = context

@@ -124,6 +124,13 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     assert c == d and counters["stats"]["unique_graphs"] == graphs + 1
 
 
+def test_static_caches_come_in_buckets_of_256_positions():
+    from lmkit.generation import static_length
+
+    assert [static_length(n, 1024) for n in (1, 256, 257, 1000)] == [256, 256, 512, 1024]
+    assert static_length(300, 300) == 300 and static_length(10, 96) == 96
+
+
 def test_static_cache_is_refused_where_it_does_not_apply():
     t5 = _perturbed(MODELS["t5"]())
     with pytest.raises(LmkitError, match="no static-cache decoding"):

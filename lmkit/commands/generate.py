@@ -20,7 +20,7 @@ Options (OPTION=VALUE):
   stop=[S1,S2]            stop strings: the text ends before the first one
   device=auto             cpu, cuda, cuda:1 ... (auto: cuda when available)
   use_cache=true          false: rerun the whole context every step (slow; for checks)
-  cache=dynamic           static: a fixed-shape cache of max_seq_len positions (gpt, llama), same output
+  cache=dynamic           static: a fixed-shape cache (multiples of 256 positions; gpt, llama), same output
   compile=false           true: torch.compile the decode step over a static cache (CUDA graphs on a GPU);
                           compiles once per model and batch size (seconds), then every step reuses it
   template=TEXT           SFT prompt template ({prompt} = the prompt); default: the run's objective.template
