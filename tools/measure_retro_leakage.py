@@ -3,6 +3,7 @@ with a store of the whole corpus validated with and without the leakage rule (RE
 
     python tools/measure_retro_leakage.py [--steps 2000] [--encoder-steps 1000 | --encoder RUN_DIR]
                                           [--train-rule on|off] [--keys center|whiten|raw] [--out DIR]
+                                          [--runs none train all]
 
 1. the stores' frozen retriever: ``gpt_tiny`` trained ``--encoder-steps`` steps of causal LM by lmkit (its
    mean-pooled last states), or ``--encoder``: an existing run. RETRO's retriever is a BERT, but lmkit's
@@ -19,6 +20,7 @@ with a store of the whole corpus validated with and without the leakage rule (RE
    that training neighbours hold the chunk's own continuation and the model learns to copy);
 4. the whole-corpus run's last checkpoint validated again without the rule for validation (a chunk may
    retrieve itself and its continuation: the leak).
+``--runs`` picks which of the three trainings to make (all by default; the leak row comes with ``all``).
 Needs plugins/lmkit-retrieval. Prints a markdown table; record it with the machine.
 """
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--train-rule", choices=("on", "off"), default="on")
     ap.add_argument("--keys", choices=("center", "whiten", "raw"), default="center")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--runs", nargs="+", choices=("none", "train", "all"), default=["none", "train", "all"])
     args = ap.parse_args()
     from lmkit.api import build, run
     from lmkit.cli import main as cli
@@ -73,30 +76,33 @@ def main() -> None:
     common = ["model=retro_tiny", SPEECHES, "data.seq_len=64", "data.batch_size=16", f"trainer.max_steps={args.steps}",
               f"trainer.val_check_interval={args.steps}", "trainer.val_batches=50", "optimizer.lr=1e-3",
               "scheduler.warmup_steps=50", *quiet]
-    plain = run(common, out / "plain")["end"]
+    rows = []
+    if "none" in args.runs:
+        plain = run(common, out / "plain")["end"]
+        rows.append(("none (retro_tiny as its plain decoder)", plain))
 
     def retro(split: str) -> list[str]:
         return common + ["+objective=retro_lm", f"objective.store={out / f'store_{split}'}",
                          f"objective.exclude_same_document={args.train_rule == 'on'}",
                          "objective.val_exclude_same_document=true"]
 
-    train_store = run(retro("train"), out / "retro_train")["end"]
-    all_store = run(retro("all"), out / "retro_all")["end"]
-    leaky = build(retro("all") + ["objective.val_exclude_same_document=false"], out / "leaky")
-    ckpt = out / "retro_all" / "checkpoints" / "last.ckpt"
-    leaky.trainer.validate(leaky.module, datamodule=leaky.datamodule, ckpt_path=str(ckpt), verbose=False)
-    leak = leaky.module.history[-1]
+    if "train" in args.runs:
+        rows.append(("store of the training split", run(retro("train"), out / "retro_train")["end"]))
+    if "all" in args.runs:
+        rows.append(("store of the whole corpus, own speech excluded (RETRO's rule)",
+                     run(retro("all"), out / "retro_all")["end"]))
+        leaky = build(retro("all") + ["objective.val_exclude_same_document=false"], out / "leaky")
+        ckpt = out / "retro_all" / "checkpoints" / "last.ckpt"
+        leaky.trainer.validate(leaky.module, datamodule=leaky.datamodule, ckpt_path=str(ckpt), verbose=False)
+        rows.append(("same checkpoint, own speech allowed (the leak)", leaky.module.history[-1]))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps, encoder "
           f"{encoder}, keys {args.keys}, training rule {args.train_rule}, "
           f"{time.time() - t0:.0f} s; {out}")
     print(f"self-retrieval (top-1 has the chunk's tokens, 2000 chunks): training store {found['train']:.3f}, "
           f"whole-corpus store {found['all']:.3f}")
     print("| retrieval | val bits/byte | val loss |\n|---|---|---|")
-    print(f"| none (retro_tiny as its plain decoder) | {plain['val/bpb']:.3f} | {plain['val/loss']:.4f} |")
-    print(f"| store of the training split | {train_store['val/bpb']:.3f} | {train_store['val/loss']:.4f} |")
-    print(f"| store of the whole corpus, own speech excluded (RETRO's rule) | {all_store['val/bpb']:.3f} | "
-          f"{all_store['val/loss']:.4f} |")
-    print(f"| same checkpoint, own speech allowed (the leak) | {leak['val/bpb']:.3f} | {leak['val/loss']:.4f} |")
+    for label, metrics in rows:
+        print(f"| {label} | {metrics['val/bpb']:.3f} | {metrics['val/loss']:.4f} |")
 
 
 if __name__ == "__main__":
