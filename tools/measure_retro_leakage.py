@@ -3,7 +3,7 @@ with a store of the whole corpus validated with and without the leakage rule (RE
 
     python tools/measure_retro_leakage.py [--steps 2000] [--encoder-steps 1000 | --encoder RUN_DIR]
                                           [--train-rule on|off] [--keys center|whiten|raw] [--out DIR]
-                                          [--runs none train all]
+                                          [--runs none train all] [--seed N]
 
 1. the stores' frozen retriever: ``gpt_tiny`` trained ``--encoder-steps`` steps of causal LM by lmkit (its
    mean-pooled last states), or ``--encoder``: an existing run. RETRO's retriever is a BERT, but lmkit's
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--train-rule", choices=("on", "off"), default="on")
     ap.add_argument("--keys", choices=("center", "whiten", "raw"), default="center")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--seed", type=int, default=None, help="the retro_tiny runs' seed (default: lmkit's)")
     ap.add_argument("--runs", nargs="+", choices=("none", "train", "all"), default=["none", "train", "all"])
     args = ap.parse_args()
     from lmkit.api import build, run
@@ -75,7 +76,7 @@ def main() -> None:
         found[split] = self_retrieval(out / f"store_{split}")
     common = ["model=retro_tiny", SPEECHES, "data.seq_len=64", "data.batch_size=16", f"trainer.max_steps={args.steps}",
               f"trainer.val_check_interval={args.steps}", "trainer.val_batches=50", "optimizer.lr=1e-3",
-              "scheduler.warmup_steps=50", *quiet]
+              "scheduler.warmup_steps=50", *quiet] + ([f"seed={args.seed}"] if args.seed is not None else [])
     rows = []
     if "none" in args.runs:
         plain = run(common, out / "plain")["end"]
