@@ -187,7 +187,8 @@ def _static_state(model, batch_size: int, length: int, compiled: bool) -> dict:
     per_model[key] = state  # the newest
     if compiled and state["step"] is None:
         mode = "reduce-overhead" if param.device.type == "cuda" else None  # CUDA graphs on GPUs
-        state["step"] = torch.compile(lambda ids, pos: _cached_logits(model, ids, pos), mode=mode, dynamic=False)
+        # the model is an argument, not captured: the compiled function must not keep the model alive
+        state["step"] = torch.compile(_cached_logits, mode=mode, dynamic=False)
     return state
 
 
@@ -354,7 +355,8 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
             if static is not None:  # positions as a tensor: every decode step has the same shapes
                 positions = torch.arange(pos, pos + feed.shape[1], device=device)
                 step = static["step"] if static["step"] is not None and feed.shape[1] == 1 else None
-                logits = step(feed, positions).clone() if step is not None else _cached_logits(model, feed, positions)
+                logits = (step(model, feed, positions) if step is not None
+                          else _cached_logits(model, feed, positions)).clone()
                 pos += feed.shape[1]
             elif use_cache:
                 logits = (model.logits(model.decode(feed, memory, input_pos=pos)[:, -1]) if seq2seq
