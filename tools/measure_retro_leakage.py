@@ -8,7 +8,7 @@ with a store of the whole corpus validated with and without the leakage rule (RE
 1. the stores' frozen retriever: ``gpt_tiny`` trained ``--encoder-steps`` steps of causal LM by lmkit (its
    mean-pooled last states), or ``--encoder``: an existing run. RETRO's retriever is a BERT, but lmkit's
    ``bert_tiny`` MLM runs stay near the unigram loss for their first 1000+ steps on this corpus (3.34 nats
-   after 300 steps post-LN, 3.01 after 1000 pre-LN, vs the corpus's unigram 3.31), so their states carry
+   after 300 steps post-LN, 3.02 after 1000 pre-LN, vs the corpus's unigram 3.31), so their states carry
    little context; a causal LM is at 1.94 nats after 500 steps;
 2. two stores, chunks of 16, the corpus split into speeches: the training split, and the whole corpus
    (``split=all``: training and validation text); for each, the fraction of its chunks whose top-1 neighbour is
