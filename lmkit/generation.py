@@ -7,12 +7,12 @@ from the decoder start token (the one the model was trained with). Architectures
 ``forward(..., input_pos=)`` nor ``forward_cached`` are decoded without a cache (the whole
 context rerun each step).
 
-``cache=static`` (gpt, llama): the caches hold a multiple of 256 positions (at most ``max_seq_len``), positions
-go in as a tensor,
-and every step attends over the whole cache with the unwritten positions masked, so every decode step
-has the same shapes; the caches are kept per model and batch size between calls. ``compile=true``
-compiles that decode step with ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on a
-GPU; the caches' addresses are marked static) once, and reuses it for every later call of that shape.
+``cache=static`` (gpt, llama): the caches hold a multiple of 256 positions (at most ``max_seq_len``),
+positions go in as a tensor, and every step attends over the whole cache with the unwritten positions
+masked, so every decode step has the same shapes; the caches are kept per model and batch size between
+calls. ``compile=true`` compiles that decode step with ``torch.compile`` (``mode="reduce-overhead"``, i.e.
+CUDA graphs, on a GPU; the caches' addresses are marked static) once, and reuses it for every later call of
+that shape.
 
 Each step: repetition penalty (over the context, as transformers does), then greedy
 (``temperature=0``) or temperature -> top-k -> top-p -> a sample drawn with a
@@ -235,9 +235,8 @@ def kv_cache(model, batch_size: int, max_len: int, static: dict | None = None):
         if static is not None:
             static["caches"] = [(module, module.kv_cache) for module in attached]
             for _, cache in static["caches"]:  # written in place every step: fixed addresses let CUDA graphs keep them
-                for t in (getattr(cache, "k", None), getattr(cache, "v", None)):
-                    if torch.is_tensor(t):
-                        torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
         yield
     finally:
         for module in attached:
@@ -339,7 +338,8 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
     static, cache_len = None, needed + 1
     if opts.cache == "static":
         if not supports_static_cache(model):
-            raise ConfigError(f"cache=static / compile=true: this {getattr(model.cfg, 'name', model.kind)} model has no "
+            name = getattr(model.cfg, "name", model.kind)
+            raise ConfigError(f"cache=static / compile=true: this {name} model has no "
                               f"static-cache decoding (gpt and llama without local attention layers do); use the "
                               f"default cache=dynamic")
         cache_len = static_length(needed + 1, limit)
@@ -352,15 +352,15 @@ def generate_ids(model, input_ids: list[int], opts: GenerationOptions, *, tokeni
         pos = 0
         feed = context
         for _ in range(opts.max_new_tokens):
-            if static is not None:  # positions as a tensor: every decode step has the same shapes
-                positions = torch.arange(pos, pos + feed.shape[1], device=device)
-                step = static["step"] if static["step"] is not None and feed.shape[1] == 1 else None
-                logits = (step(model, feed, positions) if step is not None
-                          else _cached_logits(model, feed, positions)).clone()
-                pos += feed.shape[1]
-            elif use_cache:
-                logits = (model.logits(model.decode(feed, memory, input_pos=pos)[:, -1]) if seq2seq
-                          else _cached_logits(model, feed, pos))
+            if use_cache:
+                if seq2seq:
+                    logits = model.logits(model.decode(feed, memory, input_pos=pos)[:, -1])
+                elif static is None:
+                    logits = _cached_logits(model, feed, pos)
+                else:  # positions as a tensor: every decode step has the same shapes; one-token steps compiled
+                    step = static["step"] if static["step"] is not None and feed.shape[1] == 1 else _cached_logits
+                    # .clone(): a CUDA-graph step's output is overwritten by its next replay
+                    logits = step(model, feed, torch.arange(pos, pos + feed.shape[1], device=device)).clone()
                 pos += feed.shape[1]
             else:
                 hidden = model(src, decoder_input_ids=context) if seq2seq else model(context)

@@ -107,17 +107,15 @@ class GPT(nn.Module):
 
     def _forward_cached(self, input_ids, input_pos):
         T = input_ids.shape[1]
-        if torch.is_tensor(input_pos):  # a static cache: positions given as a tensor, every key masked explicitly
-            x = self.wte(input_ids) + self.wpe(input_pos)
-            mask = static_causal_mask(input_pos, self.blocks[0].attn.kv_cache.k.shape[2])
-            for block in self.blocks:
-                x = block(x, mask=mask, is_causal=False, input_pos=input_pos)
-            return self.ln_f(x)
-        if input_pos + T > self.max_seq_len:
+        static = torch.is_tensor(input_pos)  # a static cache: positions given as a tensor, every key masked
+        if not static and input_pos + T > self.max_seq_len:
             raise ValueError(f"position {input_pos + T - 1} is beyond the model's max_seq_len={self.max_seq_len}")
-        pos = torch.arange(input_pos, input_pos + T, device=input_ids.device)
+        pos = input_pos if static else torch.arange(input_pos, input_pos + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)
-        mask = None if T == 1 else causal_mask_at(input_pos, T, input_ids.device)  # one new token sees all keys
+        if static:
+            mask = static_causal_mask(input_pos, self.blocks[0].attn.kv_cache.k.shape[2])
+        else:
+            mask = None if T == 1 else causal_mask_at(input_pos, T, input_ids.device)  # one new token sees all keys
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=False, input_pos=input_pos)
         return self.ln_f(x)

@@ -119,9 +119,9 @@ def _threads(options: dict) -> None:
 def build(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from lmkit_retrieval.encoder import ChunkEncoder
     from lmkit.config.checks import check_choice
 
+    from lmkit_retrieval.encoder import ChunkEncoder
     from lmkit_retrieval.index import IndexSpec
     from lmkit_retrieval.keys import KEY_MODES
     from lmkit_retrieval.store import build_store

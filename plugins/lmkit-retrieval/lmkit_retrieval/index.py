@@ -1,8 +1,8 @@
 """The faiss index of a retrieval store: its settings (:class:`IndexSpec`), building and searching.
 
 Every kind indexes unit-length keys (:mod:`lmkit_retrieval.keys`) with the inner-product metric,
-so scores are cosine similarities of the keys: ``flat`` (``IndexFlatIP``, exact), ``ivfpq`` (``IndexIVFPQ`` over a flat
-inner-product quantizer, trained on a sample; approximate) and ``hnsw`` (``IndexHNSWFlat``,
+so scores are cosine similarities of the keys: ``flat`` (``IndexFlatIP``, exact), ``ivfpq``
+(``IndexIVFPQ`` over a flat inner-product quantizer, trained on a sample; approximate) and ``hnsw`` (``IndexHNSWFlat``,
 no training; approximate).
 
 Threads: torch and faiss may share one OpenMP runtime (torch imported first) or not (faiss

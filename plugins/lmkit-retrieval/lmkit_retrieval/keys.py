@@ -60,17 +60,15 @@ def fit_key_transform(vectors, mode: str = "center") -> np.ndarray:
     return out.astype(np.float32)
 
 
-def to_keys(x, transform: np.ndarray) -> np.ndarray:
-    """float32 C-contiguous unit rows ``normalise((x − μ) W)`` of ``x`` [n, d] (zero rows stay zero)."""
+def key_parts(transform: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(μ, W)`` of a transform, W None where it is the identity (center, raw): the matmul is then skipped."""
     mean, w = transform[0], transform[1:]
+    return mean, None if np.array_equal(w, np.eye(len(w), dtype=w.dtype)) else w
+
+
+def to_keys(x, mean: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """float32 C-contiguous unit rows ``normalise((x − μ) W)`` of ``x`` [n, d] (zero rows stay zero)."""
+    from lmkit_retrieval.index import normalized
+
     out = np.asarray(x, dtype=np.float32) - mean
-    if not _is_identity(w):
-        out = out @ w
-    out = np.ascontiguousarray(out, dtype=np.float32)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0)
-    return out
-
-
-def _is_identity(w: np.ndarray) -> bool:
-    return w.shape[0] == w.shape[1] and np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype))
+    return normalized(out if w is None else out @ w)

@@ -41,7 +41,7 @@ import numpy as np
 
 from lmkit.errors import ConfigError, DataError
 from lmkit_retrieval.index import IndexSpec, build_index, faiss_module, search_params
-from lmkit_retrieval.keys import KEY_MODES, fit_key_transform, to_keys
+from lmkit_retrieval.keys import KEY_MODES, fit_key_transform, key_parts, to_keys
 
 FORMAT = 2  # 2: keys.npy (format-1 stores indexed raw, often collapsed, embeddings)
 MANIFEST = "manifest.json"
@@ -115,8 +115,8 @@ def build_store(out_dir, tokens: np.ndarray, encoder, *, chunk_len: int = 64, in
 
     ``doc_ids`` [N] (default :func:`document_ids` from the tokenizer's ``<eos>``) must be
     non-decreasing; ``keys``: center | whiten | raw (:mod:`lmkit_retrieval.keys`); ``data``: a description
-    recorded in the manifest; ``force``: replace an
-    existing store; ``progress(n_chunks)``: called after each embedded batch.
+    recorded in the manifest; ``force``: replace an existing store; ``progress(n_chunks)``: called after each
+    embedded batch.
     """
     from lmkit.config.checks import check_choice, check_int
 
@@ -168,8 +168,9 @@ def build_store(out_dir, tokens: np.ndarray, encoder, *, chunk_len: int = 64, in
     embeddings = np.load(work / "embeddings.npy", mmap_mode="r")
     transform = fit_key_transform(embeddings, keys)
     _save_atomic(work / "keys.npy", transform)
+    mean, w = key_parts(transform)
     tmp_index = work / f".{INDEX_FILE}.tmp{os.getpid()}"
-    faiss.write_index(build_index(embeddings, spec, lambda block: to_keys(block, transform)), str(tmp_index))
+    faiss.write_index(build_index(embeddings, spec, lambda block: to_keys(block, mean, w)), str(tmp_index))
     os.replace(tmp_index, work / INDEX_FILE)
     shutil.rmtree(work / "shards")
     manifest["files"] = {name: (work / name).stat().st_size for name in (*ARRAYS, INDEX_FILE)}
@@ -235,6 +236,7 @@ class Datastore:
         self.path, self.manifest = path, manifest
         self.chunks, self.docs, self.embeddings, self.index = chunks, docs, embeddings, index
         self.key_transform = np.array(key_transform, dtype=np.float32)
+        self._key_mean, self._key_w = key_parts(self.key_transform)
         build = manifest["build"]
         self.key_mode = build["keys"]
         self.chunk_len, self.n_chunks, self.d = build["chunk_len"], build["n_chunks"], build["d"]
@@ -280,7 +282,8 @@ class Datastore:
             if size != files.get(name):
                 raise DataError(f"{what}: {name} has {size} bytes, the manifest records {files.get(name)} "
                                 f"(truncated or replaced); rebuild the store")
-        expected = {"chunks.npy": (n + 1, length), "docs.npy": (n, 2), "embeddings.npy": (n, d), "keys.npy": (d + 1, d)}
+        expected = {"chunks.npy": (n + 1, length), "docs.npy": (n, 2), "embeddings.npy": (n, d),
+                    "keys.npy": (d + 1, d)}
         arrays = {}
         for name, shape in expected.items():
             try:
@@ -340,7 +343,7 @@ class Datastore:
 
     def keys(self, embeddings) -> np.ndarray:
         """float32 [n, d] unit-length index keys of ``embeddings`` [n, d]: the store's transform, then L2-normalised."""
-        return to_keys(embeddings, self.key_transform)
+        return to_keys(embeddings, self._key_mean, self._key_w)
 
     def search(self, queries, k: int, exclude_docs=None) -> tuple[np.ndarray, np.ndarray]:
         """``(chunk_ids int64 [n, k], scores float32 [n, k])``, best first; scores are cosine similarities of keys.
